@@ -1,0 +1,341 @@
+"""The application object: the registry of task handlers and the client that submits and reads tasks.
+
+Submitting appends a ``submitted`` event to the event store and nothing else: the relay publishes
+it. So a submit succeeds while RabbitMQ is down, and a task recorded is a task that will run.
+Creating an :class:`App` performs no I/O; the store is opened on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from broker_q.codec import dumps
+from broker_q.domain.events import Event, TaskSubmitted
+from broker_q.domain.task import TaskState, TaskStatus, replay, submit, task_id_for
+from broker_q.errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    ValidationError,
+)
+from broker_q.settings import Settings
+from broker_q.store.eventsourcing import open_store
+from broker_q.store.port import EventStore
+from broker_q.store.writer import GroupCommitWriter
+
+__all__ = ["App", "TaskDefinition", "TaskHandle"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class App:
+    """Registers task handlers and submits, reads and waits for tasks.
+
+    ``App()`` reads ``BROKER_Q_*`` environment variables; keyword arguments override them
+    (``App(store="memory://")``), or pass a complete :class:`Settings`.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = Settings(**overrides)
+        elif overrides:
+            settings = settings.model_copy(update=overrides)
+        self.settings = settings
+        self.actor = f"client:{socket.gethostname()}:{os.getpid()}"
+        self._tasks: dict[str, TaskDefinition[Any, Any]] = {}
+        self._store: EventStore | None = None
+        self._store_lock = threading.Lock()
+        self._writers: dict[asyncio.AbstractEventLoop, GroupCommitWriter] = {}
+
+    # -- registry -----------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def task(
+        self, *, name: str | None = None, queue: str | None = None, priority: int | None = None
+    ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> TaskDefinition[P, R] | Callable[[Callable[P, R]], TaskDefinition[P, R]]:
+        """Register ``fn`` as a task handler; ``name`` defaults to ``module.qualname``.
+
+        ``async def`` handlers run on the worker's event loop, plain functions in its thread pool.
+        """
+
+        def register(fn: Callable[P, R]) -> TaskDefinition[P, R]:
+            definition = TaskDefinition(
+                self, fn, name=name or f"{fn.__module__}.{fn.__qualname__}",
+                queue=queue or self.settings.default_queue,
+                priority=self.settings.default_priority if priority is None else priority,
+            )
+            if definition.name in self._tasks:
+                raise ConfigurationError(f"a task named {definition.name!r} is registered already")
+            self._tasks[definition.name] = definition
+            return definition
+
+        return register if fn is None else register(fn)
+
+    @property
+    def tasks(self) -> Mapping[str, TaskDefinition[Any, Any]]:
+        return self._tasks
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues of the registered tasks, in registration order."""
+        return list(dict.fromkeys(t.queue for t in self._tasks.values())) or [self.settings.default_queue]
+
+    # -- store --------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> EventStore:
+        """The event store, opened on first use."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = open_store(self.settings.store)
+            return self._store
+
+    def close(self) -> None:
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+        correlation_id: uuid.UUID | None = None,
+    ) -> TaskHandle[Any]:
+        """Record a new task and return its handle. The same ``idempotency_key`` gives the same task."""
+        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id)
+        try:
+            self.store.append([event])
+        except ConcurrencyConflict:
+            if idempotency_key is None:
+                raise
+        return TaskHandle(self, event.stream_id)
+
+    async def submit_async(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+        correlation_id: uuid.UUID | None = None,
+    ) -> TaskHandle[Any]:
+        """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
+        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id)
+        try:
+            await self._writer().append([event])
+        except ConcurrencyConflict:
+            if idempotency_key is None:
+                raise
+        return TaskHandle(self, event.stream_id)
+
+    def _writer(self) -> GroupCommitWriter:
+        loop = asyncio.get_running_loop()
+        writer = self._writers.get(loop)
+        if writer is None:
+            writer = self._writers[loop] = GroupCommitWriter(self.store, retry_unavailable=False)
+        return writer
+
+    def _submitted(
+        self,
+        task: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        queue: str | None,
+        priority: int | None,
+        idempotency_key: str | None,
+        tenant: str | None,
+        correlation_id: uuid.UUID | None,
+    ) -> TaskSubmitted:
+        definition = self._tasks.get(task)
+        args_list, kwargs_dict = list(args), dict(kwargs or {})
+        if definition is not None:
+            definition.check_arguments(args_list, kwargs_dict)
+        dumps([args_list, kwargs_dict])  # refuses what is not JSON now, not in the worker later
+        tenant = tenant or self.settings.tenant
+        task_id = task_id_for(tenant, idempotency_key)
+        return submit(
+            task_id=task_id,
+            task=task,
+            queue=queue or (definition.queue if definition else self.settings.default_queue),
+            args=args_list,
+            kwargs=kwargs_dict,
+            priority=priority if priority is not None else (
+                definition.priority if definition else self.settings.default_priority),
+            tenant=tenant,
+            actor=self.actor,
+            now=utcnow(),
+            correlation_id=correlation_id,
+            idempotency_key=idempotency_key,
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def history(self, task_id: uuid.UUID | str) -> list[Event]:
+        """Every event of the task, in order."""
+        events = self.store.read_stream(_as_uuid(task_id))
+        if not events:
+            raise TaskNotFound(f"no task with id {task_id}")
+        return events
+
+    def get_task(self, task_id: uuid.UUID | str) -> TaskState:
+        """The task's current state, replayed from its events."""
+        state = replay(self.history(task_id))  # type: ignore[arg-type]
+        assert state is not None
+        return state
+
+    def handle(self, task_id: uuid.UUID | str) -> TaskHandle[Any]:
+        return TaskHandle(self, _as_uuid(task_id))
+
+
+class TaskDefinition(Generic[P, R]):
+    """A registered handler. Calling it runs the function here; ``delay``/``submit`` record a task."""
+
+    def __init__(self, app: App, fn: Callable[P, R], *, name: str, queue: str, priority: int) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.priority = priority
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Record a task that runs this handler with these arguments (blocks until recorded)."""
+        return self.app.submit(self.name, args, kwargs)
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """The async form of :meth:`delay`."""
+        return await self.app.submit_async(self.name, args, kwargs)
+
+    def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Refuse arguments that the handler's signature cannot take."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise ValidationError(f"arguments do not fit {self.name}{self.signature}: {e}") from e
+
+
+class TaskHandle(Generic[R]):
+    """A submitted task: its id, its state, and a wait for its outcome."""
+
+    def __init__(self, app: App, task_id: uuid.UUID) -> None:
+        self.app = app
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id})"
+
+    def state(self) -> TaskState:
+        return self.app.get_task(self.id)
+
+    def wait(self, timeout: float | None = None) -> R:
+        """Block until the task is final; return its result or raise :class:`TaskFailed`.
+
+        Raises ``TimeoutError`` if it is not final after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for delay in _poll_delays():
+            outcome = self._outcome()
+            if outcome is not None:
+                return outcome()
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"task {self.id} is not finished after {timeout}s")
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def result(self, timeout: float | None = None) -> R:
+        """The async form of :meth:`wait`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for delay in _poll_delays():
+            outcome = await asyncio.to_thread(self._outcome)
+            if outcome is not None:
+                return outcome()
+            if deadline is not None and loop.time() + delay > deadline:
+                raise TimeoutError(f"task {self.id} is not finished after {timeout}s")
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _outcome(self) -> Callable[[], R] | None:
+        try:
+            state = self.state()
+        except TaskNotFound:
+            return None
+        if state.status is TaskStatus.SUCCEEDED:
+            return lambda: state.result  # type: ignore[no-any-return]
+        if state.status is TaskStatus.FAILED:
+            error = TaskFailed(str(self.id), state.error_type or "Error", state.error or "", state.traceback)
+            return functools.partial(_raise, error)
+        if state.status is TaskStatus.CANCELLED:
+            cancelled = TaskCancelled(str(self.id), "Cancelled", state.cancel_reason or "")
+            return functools.partial(_raise, cancelled)
+        return None
+
+
+def _raise(error: Exception) -> Any:
+    raise error
+
+
+def _poll_delays() -> Any:
+    delay = 0.002
+    while True:
+        yield delay
+        delay = min(delay * 1.5, 0.1)
+
+
+def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationError(f"{value!r} is not a task id") from None
+
+
+Handler = Callable[..., Any] | Callable[..., Awaitable[Any]]

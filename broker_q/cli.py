@@ -1,0 +1,251 @@
+"""The ``broker-q`` command. Errors are one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from broker_q.amqp.topology import Topology
+from broker_q.app import App, _as_uuid
+from broker_q.codec import loads
+from broker_q.domain.events import Event
+from broker_q.domain.task import TaskState
+from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, ValidationError
+from broker_q.relay import Relay
+from broker_q.worker import Worker
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_TASK_FAILED = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    options = parser.parse_args(argv)
+    try:
+        result: int = options.command(options)
+        return result
+    except BrokerQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TASK_FAILED if isinstance(e, TaskFailed) else EXIT_ERROR
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker-q", description="broker_q: an event-sourced task queue on RabbitMQ")
+    parser.add_argument("--store", help="event store URL (default: $BROKER_Q_STORE or sqlite:///broker_q.sqlite)")
+    parser.add_argument("--amqp-url", help="RabbitMQ URL (default: $BROKER_Q_AMQP_URL or the local server)")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=fn)
+        return sub
+
+    for name, fn, text in (
+        ("worker", _worker, "consume queues and run the app's task handlers"),
+        ("run", _run, "run the relay and a worker in one process: the main job"),
+    ):
+        sub = command(name, fn, text)
+        sub.add_argument("app", metavar="MODULE:APP", help="where the App is, e.g. myproject.tasks:app")
+        sub.add_argument("--queues", help="comma-separated queues (default: the queues of the app's tasks)")
+        sub.add_argument("--concurrency", type=_positive_int, help="handlers running at once")
+        sub.add_argument("--prefetch", type=_positive_int, help="messages held unacknowledged (default 2 x concurrency)")
+        sub.add_argument("-v", "--verbose", action="store_true")
+
+    sub = command("relay", _relay, "publish recorded events and ready tasks to RabbitMQ")
+    sub.add_argument("-v", "--verbose", action="store_true")
+
+    sub = command("submit", _submit, "record a new task and print its id")
+    sub.add_argument("task", metavar="NAME")
+    sub.add_argument("--args", default="[]", help="positional arguments as a JSON array")
+    sub.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    sub.add_argument("--queue")
+    sub.add_argument("--priority", type=int)
+    sub.add_argument("--idempotency-key")
+    sub.add_argument("--wait", action="store_true", help="wait for the outcome and print the result as JSON")
+    sub.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
+
+    sub = command("status", _status, "show a task's current state")
+    sub.add_argument("id")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("history", _history, "show every event of a task, in order")
+    sub.add_argument("id")
+    sub.add_argument("--json", action="store_true")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _app(options: argparse.Namespace, app: App | None = None) -> App:
+    overrides = {k: v for k, v in (("store", options.store), ("amqp_url", options.amqp_url)) if v}
+    if app is None:
+        return App(**overrides)
+    if overrides:
+        app.settings = app.settings.model_copy(update=overrides)
+    return app
+
+
+def load_app(reference: str) -> App:
+    """The :class:`App` named by ``module:attribute``."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"{reference!r} is not MODULE:APP, e.g. myproject.tasks:app")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigurationError(f"cannot import {module_name!r}: {e}") from e
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{reference!r} is not a broker_q App")
+    return app
+
+
+def _json_arg(text: str, kind: type, name: str) -> Any:
+    try:
+        value = loads(text)
+    except ValidationError as e:
+        raise ValidationError(f"{name} must be JSON: {e}") from e
+    if not isinstance(value, kind):
+        raise ValidationError(f"{name} must be a JSON {'array' if kind is list else 'object'}")
+    return value
+
+
+def _submit(options: argparse.Namespace) -> int:
+    app = _app(options)
+    args = _json_arg(options.args, list, "--args")
+    kwargs = _json_arg(options.kwargs, dict, "--kwargs")
+    handle = app.submit(options.task, args, kwargs, queue=options.queue, priority=options.priority,
+                        idempotency_key=options.idempotency_key)
+    print(handle.id, flush=True)
+    if options.wait:
+        print(json.dumps(handle.wait(timeout=options.timeout)))
+    return 0
+
+
+def _status(options: argparse.Namespace) -> int:
+    state = _app(options).get_task(_as_uuid(options.id))
+    view = status_view(state)
+    if options.json:
+        print(json.dumps(view, indent=2))
+    else:
+        for key, value in view.items():
+            if value is not None:
+                print(f"{key:>12}: {value if not isinstance(value, (list, dict)) else json.dumps(value)}")
+    return 0
+
+
+def status_view(state: TaskState) -> dict[str, Any]:
+    """A task's state as the CLI and the API show it (JSON-ready)."""
+    return {
+        "id": str(state.task_id), "task": state.task, "state": state.status.value, "queue": state.queue,
+        "tenant": state.tenant, "priority": state.priority, "attempts": state.attempts, "version": state.version,
+        "args": state.args, "kwargs": state.kwargs, "result": state.result,
+        "error": None if state.error_type is None else f"{state.error_type}: {state.error}",
+        "traceback": state.traceback, "worker": state.worker,
+        "submitted_at": state.submitted_at.isoformat(),
+        "started_at": state.started_at.isoformat() if state.started_at else None,
+        "finished_at": state.finished_at.isoformat() if state.finished_at else None,
+    }
+
+
+def _history(options: argparse.Namespace) -> int:
+    events = _app(options).history(_as_uuid(options.id))
+    rows = [history_row(e) for e in events]
+    if options.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        details = ", ".join(f"{k}={json.dumps(v)}" for k, v in row["data"].items() if v not in (None, [], {}))
+        print(f"{row['time']}  v{row['version']:<3} {row['type']:<10} {row['actor']:<40} {details}")
+    return 0
+
+
+def history_row(event: Event) -> dict[str, Any]:
+    common = {"stream_id", "version", "timestamp", "tenant", "actor", "correlation_id", "causation_id"}
+    data = {k: v for k, v in asdict(event).items() if k not in common}
+    return {
+        "version": event.version, "time": event.timestamp.isoformat(), "type": event.TYPE, "actor": event.actor,
+        "tenant": event.tenant, "correlation_id": str(event.correlation_id),
+        "causation_id": str(event.causation_id) if event.causation_id else None, "data": data,
+    }
+
+
+def _worker(options: argparse.Namespace) -> int:
+    app = _app(options, load_app(options.app))
+    return _serve(options, lambda stop: [_worker_for(app, options).run(stop)])
+
+
+def _run(options: argparse.Namespace) -> int:
+    app = _app(options, load_app(options.app))
+
+    def components(stop: asyncio.Event) -> list[Any]:
+        relay = Relay(app.store, app.settings.amqp_url, Topology(app.settings.namespace),
+                      page_size=app.settings.relay_page_size, poll_interval=app.settings.relay_poll_interval)
+        return [relay.run(stop), _worker_for(app, options).run(stop)]
+
+    print(f"broker_q: store {app.settings.store}, queues {options.queues or ','.join(app.queues)}", file=sys.stderr)
+    return _serve(options, components)
+
+
+def _relay(options: argparse.Namespace) -> int:
+    app = _app(options)
+    return _serve(options, lambda stop: [Relay(app.store, app.settings.amqp_url, Topology(app.settings.namespace),
+                                               page_size=app.settings.relay_page_size,
+                                               poll_interval=app.settings.relay_poll_interval).run(stop)])
+
+
+def _worker_for(app: App, options: argparse.Namespace) -> Worker:
+    queues = [q.strip() for q in options.queues.split(",") if q.strip()] if options.queues else None
+    return Worker(app, queues, concurrency=options.concurrency, prefetch=options.prefetch)
+
+
+def _serve(options: argparse.Namespace, components: Callable[[asyncio.Event], list[Any]]) -> int:
+    logging.basicConfig(level=logging.DEBUG if options.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(c) for c in components(stop)]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait(tasks, timeout=10)
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""How events are written as bytes, and read back.
+
+An event is stored as its topic plus a JSON object of its fields, without ``stream_id`` and
+``version`` (they are columns of the store). Timestamps are ISO 8601 strings in UTC, ids are
+canonical UUID strings. The JSON of every field besides the common metadata must be JSON-native,
+which ``tests/unit/test_codec.py`` pins for every event class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import pydantic_core
+
+from broker_q.domain.events import TOPICS, Event
+from broker_q.errors import SerializationError, ValidationError
+
+__all__ = ["decode_event", "dumps", "encode_event", "loads"]
+
+_SKIP = frozenset({"stream_id", "version"})
+_FIELDS: dict[type[Event], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _SKIP) for cls in TOPICS.values()
+}
+
+
+def dumps(value: Any) -> bytes:
+    """JSON bytes of ``value``; :class:`SerializationError` if it is not JSON-serialisable."""
+    try:
+        return pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError as e:
+        raise SerializationError(f"not JSON-serialisable: {e}") from e
+
+
+def loads(data: bytes | str) -> Any:
+    """The value of JSON ``data``; :class:`ValidationError` if it is not JSON."""
+    try:
+        return pydantic_core.from_json(data)
+    except ValueError as e:
+        raise ValidationError(f"not valid JSON: {e}") from e
+
+
+def encode_event(event: Event) -> bytes:
+    cls = type(event)
+    return dumps({name: getattr(event, name) for name in _FIELDS[cls]})
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "timestamp": datetime.fromisoformat,
+    "correlation_id": uuid.UUID,
+    "causation_id": lambda v: None if v is None else uuid.UUID(v),
+}
+
+
+def decode_event(stream_id: uuid.UUID, version: int, topic: str, state: bytes) -> Event:
+    cls = TOPICS.get(topic)
+    if cls is None:
+        raise ValidationError(f"unknown event topic {topic!r}")
+    data = loads(state)
+    for name, convert in _CONVERT.items():
+        if name in data:
+            data[name] = convert(data[name])
+    return cls(stream_id=stream_id, version=version, **data)

@@ -1,0 +1,159 @@
+"""The events of broker_q: immutable facts, one stream per task.
+
+Every event names its stream (``stream_id``) and its position in it (``version``, from 1). The pair
+is unique in the store, which is what makes appends with an expected version safe. Each class has a
+stable ``TOPIC``: the name under which it is stored, independent of where the class lives, so that
+moving or renaming a class never orphans stored events.
+
+Metadata carried by every event:
+
+- ``timestamp``: when the event was decided (UTC, aware);
+- ``tenant``: who owns the stream;
+- ``actor``: who caused it (``client:<host>:<pid>``, ``worker:<id>``, ``relay``, ``system``...);
+- ``correlation_id``: the id shared by everything one request set in motion (a task's own id
+  unless a caller passes one through);
+- ``causation_id``: the id of the event or message that directly caused this one, if any.
+
+An event's own id is derived from its stream and version (see :func:`event_id`), so it costs no
+storage and is the same wherever it is computed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+__all__ = [
+    "TOPICS",
+    "Event",
+    "IngressRejected",
+    "TaskCancelled",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskStarted",
+    "TaskSubmitted",
+    "TaskSucceeded",
+    "event_id",
+]
+
+_EVENT_NS = uuid.UUID("6f1d5f3e-6a51-4d1e-9c77-0b7c1f3f2a10")
+
+
+def event_id(stream_id: uuid.UUID, version: int) -> uuid.UUID:
+    """The id of the event at ``version`` of ``stream_id``: deterministic, never stored."""
+    return uuid.uuid5(_EVENT_NS, f"{stream_id.hex}:{version}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    """What every stored event carries."""
+
+    TOPIC: ClassVar[str]
+    TYPE: ClassVar[str]
+    """Short lowercase name used in routing keys, the CLI and the audit log."""
+
+    stream_id: uuid.UUID
+    version: int
+    timestamp: datetime
+    tenant: str
+    actor: str
+    correlation_id: uuid.UUID
+    causation_id: uuid.UUID | None = None
+
+    @property
+    def id(self) -> uuid.UUID:
+        return event_id(self.stream_id, self.version)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskEvent(Event):
+    """An event of a task's stream; ``stream_id`` is the task id."""
+
+    @property
+    def task_id(self) -> uuid.UUID:
+        return self.stream_id
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskSubmitted(TaskEvent):
+    """A task was accepted. With nothing to wait for, it is ready to run at once."""
+
+    TOPIC = "broker_q.task.submitted"
+    TYPE = "submitted"
+
+    task: str
+    queue: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int = 5
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskStarted(TaskEvent):
+    """A worker began attempt number ``attempt`` (from 1)."""
+
+    TOPIC = "broker_q.task.started"
+    TYPE = "started"
+
+    attempt: int
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskSucceeded(TaskEvent):
+    """The running attempt returned ``result`` (JSON)."""
+
+    TOPIC = "broker_q.task.succeeded"
+    TYPE = "succeeded"
+
+    result: Any = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskFailed(TaskEvent):
+    """The running attempt raised, or could not be run; the task will not run again by itself."""
+
+    TOPIC = "broker_q.task.failed"
+    TYPE = "failed"
+
+    error_type: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskCancelled(TaskEvent):
+    """The task was cancelled before it reached an outcome; it will never run (again)."""
+
+    TOPIC = "broker_q.task.cancelled"
+    TYPE = "cancelled"
+
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IngressRejected(Event):
+    """A message published to the ingress exchange was refused and moved to the invalid-message queue.
+
+    Its stream is the rejected message's own (one event), so the audit trail keeps every refusal.
+    The body itself is not stored (it may be large or hold secrets): its size and SHA-256 are.
+    """
+
+    TOPIC = "broker_q.ingress.rejected"
+    TYPE = "ingress_rejected"
+
+    reason: str
+    queue: str
+    message_id: str | None
+    size: int
+    sha256: str
+
+
+TOPICS: dict[str, type[Event]] = {
+    cls.TOPIC: cls
+    for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskFailed, TaskCancelled, IngressRejected)
+}
+"""Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

@@ -1,0 +1,319 @@
+"""The task state machine: state is a fold over a task's events; commands decide new events.
+
+Commands are pure functions ``(state, inputs) -> event``: they check the transition and return the
+event that records it, or raise :class:`~broker_q.errors.DomainError`. They never look at a clock or
+a database; the caller passes ``now`` and appends the event with the expected version
+``state.version + 1``. :func:`evolve` applies an event to a state and refuses any event that the
+commands could not have produced, so a replay of stored events can never build an illegal state.
+
+Lifecycle (states are lowercase words)::
+
+    submit ─> ready ─> started ─┬─> succeeded
+                 │              └─> failed
+                 └──────────────┴─> cancelled   (from any state that is not final)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from broker_q.domain.events import (
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+    event_id,
+)
+from broker_q.errors import DomainError
+
+__all__ = [
+    "FINAL_STATES",
+    "MAX_PRIORITY",
+    "TaskState",
+    "TaskStatus",
+    "cancel",
+    "evolve",
+    "fail",
+    "replay",
+    "start",
+    "submit",
+    "succeed",
+    "task_id_for",
+]
+
+MAX_PRIORITY = 9
+"""Priorities run from 0 (lowest) to ``MAX_PRIORITY`` (highest)."""
+
+_IDEMPOTENCY_NS = uuid.UUID("0b9f4c1e-2a7d-5e8b-9c3f-7d6e5a4b3c21")
+
+
+def task_id_for(tenant: str, idempotency_key: str | None) -> uuid.UUID:
+    """The id of a new task: derived from the key when there is one, so a resend names the same task."""
+    if idempotency_key is None:
+        return uuid.uuid4()
+    return uuid.uuid5(_IDEMPOTENCY_NS, f"{tenant}\x00{idempotency_key}")
+
+
+class TaskStatus(StrEnum):
+    READY = "ready"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """A task as of its latest applied event."""
+
+    task_id: uuid.UUID
+    version: int
+    status: TaskStatus
+    task: str
+    queue: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    priority: int
+    tenant: str
+    correlation_id: uuid.UUID
+    idempotency_key: str | None
+    submitted_at: datetime
+    attempts: int = 0
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    cancel_reason: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATES
+
+
+def submit(
+    *,
+    task_id: uuid.UUID,
+    task: str,
+    queue: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    priority: int,
+    tenant: str,
+    actor: str,
+    now: datetime,
+    correlation_id: uuid.UUID | None = None,
+    causation_id: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+) -> TaskSubmitted:
+    """Decide the first event of a new task."""
+    if not task:
+        raise DomainError("a task needs a name")
+    if not queue:
+        raise DomainError("a task needs a queue")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise DomainError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
+    return TaskSubmitted(
+        stream_id=task_id,
+        version=1,
+        timestamp=now,
+        tenant=tenant,
+        actor=actor,
+        correlation_id=correlation_id or task_id,
+        causation_id=causation_id,
+        task=task,
+        queue=queue,
+        args=args,
+        kwargs=kwargs,
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
+
+
+def start(state: TaskState, *, worker: str, now: datetime) -> TaskStarted:
+    """Begin the next attempt: from ``ready``, or take over an attempt whose worker was lost."""
+    if state.status not in (TaskStatus.READY, TaskStatus.STARTED):
+        raise DomainError(f"task {state.task_id} is {state.status}: it cannot start")
+    return started_event(
+        task_id=state.task_id,
+        version=state.version + 1,
+        attempt=state.attempts + 1,
+        worker=worker,
+        tenant=state.tenant,
+        correlation_id=state.correlation_id,
+        now=now,
+    )
+
+
+def started_event(
+    *,
+    task_id: uuid.UUID,
+    version: int,
+    attempt: int,
+    worker: str,
+    tenant: str,
+    correlation_id: uuid.UUID,
+    now: datetime,
+) -> TaskStarted:
+    """The ``Started`` event for a task known to be ready at ``version - 1``.
+
+    Workers use this on the happy path without reading the task back: the work message says at
+    which version the task became ready, and the store's unique (stream, version) refuses the append
+    if anything happened to the task since. That is the only check needed, because the only event
+    that can follow ``ready`` at that version without a conflict is this one.
+    """
+    return TaskStarted(
+        stream_id=task_id,
+        version=version,
+        timestamp=now,
+        tenant=tenant,
+        actor=worker,
+        correlation_id=correlation_id,
+        causation_id=_previous_event_id(task_id, version),
+        attempt=attempt,
+        worker=worker,
+    )
+
+
+def succeed(state: TaskState, *, result: Any, now: datetime) -> TaskSucceeded:
+    _require_started(state, "succeed")
+    return succeeded_event(state.task_id, state.version + 1, state.tenant, state.worker or "", state.correlation_id,
+                           result, now)
+
+
+def succeeded_event(
+    task_id: uuid.UUID, version: int, tenant: str, worker: str, correlation_id: uuid.UUID, result: Any, now: datetime
+) -> TaskSucceeded:
+    """The outcome of the attempt that this worker started at ``version - 1``."""
+    return TaskSucceeded(
+        stream_id=task_id,
+        version=version,
+        timestamp=now,
+        tenant=tenant,
+        actor=worker,
+        correlation_id=correlation_id,
+        causation_id=_previous_event_id(task_id, version),
+        result=result,
+    )
+
+
+def fail(state: TaskState, *, error_type: str, message: str, traceback: str | None, now: datetime) -> TaskFailed:
+    _require_started(state, "fail")
+    return failed_event(state.task_id, state.version + 1, state.tenant, state.worker or "", state.correlation_id,
+                        error_type, message, traceback, now)
+
+
+def failed_event(
+    task_id: uuid.UUID,
+    version: int,
+    tenant: str,
+    worker: str,
+    correlation_id: uuid.UUID,
+    error_type: str,
+    message: str,
+    traceback: str | None,
+    now: datetime,
+) -> TaskFailed:
+    return TaskFailed(
+        stream_id=task_id,
+        version=version,
+        timestamp=now,
+        tenant=tenant,
+        actor=worker,
+        correlation_id=correlation_id,
+        causation_id=_previous_event_id(task_id, version),
+        error_type=error_type,
+        message=message,
+        traceback=traceback,
+    )
+
+
+def cancel(state: TaskState, *, reason: str, actor: str, now: datetime) -> TaskCancelled:
+    if state.is_final:
+        raise DomainError(f"task {state.task_id} is {state.status}: it cannot be cancelled")
+    return TaskCancelled(
+        stream_id=state.task_id,
+        version=state.version + 1,
+        timestamp=now,
+        tenant=state.tenant,
+        actor=actor,
+        correlation_id=state.correlation_id,
+        reason=reason,
+    )
+
+
+def _require_started(state: TaskState, verb: str) -> None:
+    if state.status is not TaskStatus.STARTED:
+        raise DomainError(f"task {state.task_id} is {state.status}: only a started task can {verb}")
+
+
+def _previous_event_id(task_id: uuid.UUID, version: int) -> uuid.UUID:
+    return event_id(task_id, version - 1)
+
+
+def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
+    """Apply ``event`` to ``state``; refuse an event that does not follow from it."""
+    if state is None:
+        if not isinstance(event, TaskSubmitted) or event.version != 1:
+            raise DomainError(f"a task stream must begin with submitted at version 1, got {event.TYPE}")
+        return TaskState(
+            task_id=event.stream_id,
+            version=1,
+            status=TaskStatus.READY,
+            task=event.task,
+            queue=event.queue,
+            args=event.args,
+            kwargs=event.kwargs,
+            priority=event.priority,
+            tenant=event.tenant,
+            correlation_id=event.correlation_id,
+            idempotency_key=event.idempotency_key,
+            submitted_at=event.timestamp,
+        )
+    if event.stream_id != state.task_id or event.version != state.version + 1:
+        raise DomainError(
+            f"event {event.TYPE} v{event.version} of {event.stream_id} does not follow "
+            f"{state.task_id} v{state.version}"
+        )
+    match event:
+        case TaskStarted():
+            if state.status not in (TaskStatus.READY, TaskStatus.STARTED):
+                raise DomainError(f"task {state.task_id} is {state.status}: it cannot start")
+            if event.attempt != state.attempts + 1:
+                raise DomainError(f"attempt {event.attempt} does not follow attempt {state.attempts}")
+            return replace(state, version=event.version, status=TaskStatus.STARTED, attempts=event.attempt,
+                           worker=event.worker, started_at=event.timestamp)
+        case TaskSucceeded():
+            _require_started(state, "succeed")
+            return replace(state, version=event.version, status=TaskStatus.SUCCEEDED, result=event.result,
+                           finished_at=event.timestamp)
+        case TaskFailed():
+            _require_started(state, "fail")
+            return replace(state, version=event.version, status=TaskStatus.FAILED, error_type=event.error_type,
+                           error=event.message, traceback=event.traceback, finished_at=event.timestamp)
+        case TaskCancelled():
+            if state.is_final:
+                raise DomainError(f"task {state.task_id} is {state.status}: it cannot be cancelled")
+            return replace(state, version=event.version, status=TaskStatus.CANCELLED, cancel_reason=event.reason,
+                           finished_at=event.timestamp)
+    raise DomainError(f"{event.TYPE} is not an event of a task's lifecycle")
+
+
+def replay(events: Iterable[TaskEvent]) -> TaskState | None:
+    """The state after all ``events``, in order; ``None`` for no events."""
+    state: TaskState | None = None
+    for event in events:
+        state = evolve(state, event)
+    return state

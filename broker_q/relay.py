@@ -1,0 +1,149 @@
+"""The relay: the only way events reach RabbitMQ, so that appending and publishing cannot disagree.
+
+It follows the store's log from its recorded position, publishes every event to the events
+exchange and every task that became ready to the work exchange, waits for the publisher confirms
+of the whole page, and only then records the new position. A crash anywhere in between loses
+nothing: the page is published again on restart. Consumers must therefore accept duplicates;
+workers do, by the stream version carried in each work message (see :mod:`broker_q.worker`).
+
+While RabbitMQ is unreachable the relay retries with a capped backoff; the store keeps every event
+meanwhile, so submitting never depends on the broker being up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from broker_q.amqp.connection import connect
+from broker_q.amqp.topology import Topology
+from broker_q.codec import dumps, encode_event
+from broker_q.domain.events import Event, TaskSubmitted
+from broker_q.store.port import EventStore, Recorded
+from broker_q.wire import WORK_MESSAGE_TYPE
+
+__all__ = ["Relay", "work_message_body"]
+
+log = logging.getLogger(__name__)
+
+_PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+
+
+def work_message_body(event: TaskSubmitted) -> bytes:
+    """The :class:`~broker_q.wire.WorkMessage` JSON for a task that became ready with ``event``."""
+    return dumps({
+        "id": event.stream_id, "version": event.version, "attempt": 1, "task": event.task, "queue": event.queue,
+        "args": event.args, "kwargs": event.kwargs, "priority": event.priority, "tenant": event.tenant,
+        "correlation_id": event.correlation_id,
+    })
+
+
+def event_routing_key(event: Event) -> str:
+    stream = "task" if event.TOPIC.startswith("broker_q.task.") else event.TOPIC.split(".")[1]
+    return f"{event.tenant}.{stream}.{event.TYPE}"
+
+
+class Relay:
+    def __init__(
+        self,
+        store: EventStore,
+        amqp_url: str,
+        topology: Topology,
+        *,
+        name: str = "relay",
+        page_size: int = 500,
+        poll_interval: float = 0.002,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._amqp_url = amqp_url
+        self._topology = topology
+        self._name = name
+        self._page_size = page_size
+        self._poll_interval = poll_interval
+        self._max_backoff = max_backoff
+        self._declared: set[str] = set()
+        self.wakeup = asyncio.Event()
+        """Set it to make an idle relay look at the store at once (an in-process hint; polling is the guarantee)."""
+        self.position = 0
+        """The position up to which every event is published and confirmed."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set, reconnecting to RabbitMQ and the store as often as needed."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                await self._run_connected(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("relay interrupted (%s: %s); retrying in %.1fs", type(e).__name__, e, backoff)
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+            else:
+                return
+
+    async def _run_connected(self, stop: asyncio.Event) -> None:
+        connection = await connect(self._amqp_url, name=f"broker_q relay {self._name}")
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchanges = await self._topology.declare_exchanges(channel)
+            self._declared.clear()
+            self.position = await asyncio.to_thread(self._store.get_position, self._name)
+            log.info("relay %s publishing from position %d", self._name, self.position)
+            while not stop.is_set():
+                records = await asyncio.to_thread(self._store.read_log, self.position, self._page_size)
+                if not records:
+                    self.wakeup.clear()
+                    await _wait(stop, self._poll_interval, self.wakeup)
+                    continue
+                await self._publish(channel, exchanges, records)
+                self.position = records[-1].position
+                await asyncio.to_thread(self._store.set_position, self._name, self.position)
+        finally:
+            await connection.close()
+
+    async def _publish(
+        self, channel: AbstractChannel, exchanges: dict[str, AbstractExchange], records: list[Recorded]
+    ) -> None:
+        events_exchange, work_exchange = exchanges["events"], exchanges["work"]
+        confirms: list[Awaitable[Any]] = []
+        for record in records:
+            event = record.event
+            body = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}' % (
+                record.position, str(event.stream_id).encode(), event.version, event.TOPIC.encode(),
+                encode_event(event),
+            )
+            confirms.append(events_exchange.publish(
+                aio_pika.Message(body, delivery_mode=_PERSISTENT, content_type="application/json", type=event.TOPIC,
+                                 message_id=f"{event.stream_id}:{event.version}"),
+                routing_key=event_routing_key(event),
+            ))
+            if isinstance(event, TaskSubmitted):
+                if event.queue not in self._declared:
+                    # Declaring before publishing means a task can never be routed to nowhere.
+                    await self._topology.declare_queue(channel, event.queue)
+                    self._declared.add(event.queue)
+                confirms.append(work_exchange.publish(
+                    aio_pika.Message(work_message_body(event), delivery_mode=_PERSISTENT, priority=event.priority,
+                                     content_type="application/json", type=WORK_MESSAGE_TYPE,
+                                     message_id=f"{event.stream_id}:{event.version}"),
+                    routing_key=event.queue,
+                ))
+        await asyncio.gather(*confirms)
+
+
+async def _wait(stop: asyncio.Event, timeout: float, also: asyncio.Event | None = None) -> None:
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if also is not None:
+        waiters.append(asyncio.ensure_future(also.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,195 @@
+"""The event store on the ``eventsourcing`` library's recorders: in memory, SQLite or PostgreSQL.
+
+broker_q uses the library's persistence layer (its process recorder: one events table with a
+notification log, plus a tracking table in the same database) and writes its own events through
+:mod:`broker_q.codec`, not through the library's aggregates and mapper; ``docs/decisions/0001``
+says why. The library's errors are translated here into broker_q's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from eventsourcing.persistence import (
+    ConnectionUnavailableError,
+    InfrastructureFactory,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    PersistenceError,
+    ProcessRecorder,
+    StoredEvent,
+    Tracking,
+)
+from eventsourcing.utils import Environment
+
+from broker_q.codec import decode_event, encode_event
+from broker_q.domain.events import Event
+from broker_q.errors import ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
+from broker_q.store.port import AppendResult, Recorded
+
+__all__ = ["RecorderEventStore", "open_store", "store_environment"]
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "BrokerQ"
+"""Fixes the PostgreSQL table names (``brokerq_events``, ``brokerq_tracking``)."""
+
+
+def store_environment(url: str) -> dict[str, str]:
+    """The ``eventsourcing`` environment for a store URL.
+
+    - ``memory://``: in-process, lost at exit (unit tests and trials);
+    - ``sqlite:///relative/path.sqlite`` or ``sqlite:////absolute/path.sqlite``;
+    - ``postgresql://user:password@host:port/dbname?schema=name`` (schema defaults to ``public``).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+    if scheme == "sqlite":
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if not path:
+            raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///path/to/file.sqlite")
+        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path, "SQLITE_LOCK_TIMEOUT": "30"}
+    if scheme in ("postgresql", "postgres"):
+        query = parse_qs(parts.query)
+        dbname = parts.path.lstrip("/")
+        if not dbname or not parts.hostname:
+            raise ConfigurationError(f"store URL {url!r} needs a host and a database: postgresql://user@host/db")
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": unquote(dbname),
+            "POSTGRES_HOST": parts.hostname,
+            "POSTGRES_PORT": str(parts.port or 5432),
+            "POSTGRES_USER": unquote(parts.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(parts.password or ""),
+            "POSTGRES_SCHEMA": query.get("schema", ["public"])[0],
+            "POSTGRES_LOCK_TIMEOUT": "5",
+            "POSTGRES_CONNECT_TIMEOUT": "5",
+            "POSTGRES_POOL_SIZE": "5",
+            "POSTGRES_MAX_OVERFLOW": "10",
+        }
+    raise ConfigurationError(f"unsupported store URL {url!r}: use memory://, sqlite:///path or postgresql://...")
+
+
+def open_store(url: str) -> RecorderEventStore:
+    """Open (and create if needed) the store at ``url``."""
+    env = store_environment(url)
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+        _ensure_schema(env)
+    with _translated():
+        factory: InfrastructureFactory[Any] = InfrastructureFactory.construct(Environment(APP_NAME, env))
+        recorder = factory.process_recorder()
+    return RecorderEventStore(factory, recorder)
+
+
+def _ensure_schema(env: dict[str, str]) -> None:
+    schema = env["POSTGRES_SCHEMA"]
+    if schema == "public":
+        return
+    try:
+        import psycopg
+        from psycopg import sql
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ConfigurationError("a postgresql:// store needs the [postgres] extra: pip install 'broker_q[postgres]'") from e
+    try:
+        with psycopg.connect(
+            dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
+            user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"], connect_timeout=5, autocommit=True,
+        ) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    except psycopg.OperationalError as e:
+        raise StoreUnavailable(f"cannot reach PostgreSQL at {env['POSTGRES_HOST']}:{env['POSTGRES_PORT']}: {e}") from e
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except IntegrityError as e:
+        raise ConcurrencyConflict(str(e)) from e
+    except (OperationalError, InterfaceError, ConnectionUnavailableError) as e:
+        raise StoreUnavailable(f"event store unavailable: {e}") from e
+    except PersistenceError as e:
+        raise StoreError(f"event store error: {e}") from e
+    except OSError as e:
+        raise StoreUnavailable(f"event store unavailable: {e}") from e
+
+
+class RecorderEventStore:
+    """:class:`~broker_q.store.port.EventStore` on an ``eventsourcing`` process recorder."""
+
+    def __init__(self, factory: InfrastructureFactory[Any], recorder: ProcessRecorder) -> None:
+        self._factory = factory  # keeps the connection pool alive as long as the store
+        self._recorder = recorder
+
+    def append(self, events: Sequence[Event]) -> list[int]:
+        stored = [StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events]
+        with _translated():
+            positions = self._recorder.insert_events(stored)
+        return list(positions or ())
+
+    def append_groups(self, groups: Sequence[Sequence[Event]]) -> list[AppendResult]:
+        results: list[AppendResult] = [ConcurrencyConflict("not appended")] * len(groups)
+        self._append_bisecting(list(enumerate(groups)), results)
+        return results
+
+    def _append_bisecting(self, indexed: list[tuple[int, Sequence[Event]]], results: list[AppendResult]) -> None:
+        # One transaction for all; on a conflict, halve and retry each half, so k conflicts among n
+        # groups cost about k*log2(n) extra transactions instead of n.
+        try:
+            positions = self.append([e for _, group in indexed for e in group])
+        except ConcurrencyConflict as e:
+            if len(indexed) == 1:
+                results[indexed[0][0]] = e
+                return
+            middle = len(indexed) // 2
+            self._append_bisecting(indexed[:middle], results)
+            self._append_bisecting(indexed[middle:], results)
+            return
+        offset = 0
+        for index, group in indexed:
+            results[index] = positions[offset:offset + len(group)]
+            offset += len(group)
+
+    def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None) -> list[Event]:
+        with _translated():
+            stored = self._recorder.select_events(stream_id, lte=to_version)
+        return [decode_event(_as_uuid(s.originator_id), s.originator_version, s.topic, s.state) for s in stored]
+
+    def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:
+        with _translated():
+            notifications = self._recorder.select_notifications(
+                start=after, limit=limit, stop=to_position, inclusive_of_start=False
+            )
+        return [
+            Recorded(n.id, decode_event(_as_uuid(n.originator_id), n.originator_version, n.topic, n.state))
+            for n in notifications
+        ]
+
+    def max_position(self) -> int:
+        with _translated():
+            return self._recorder.max_notification_id() or 0
+
+    def get_position(self, reader: str) -> int:
+        with _translated():
+            return self._recorder.max_tracking_id(reader) or 0
+
+    def set_position(self, reader: str, position: int) -> None:
+        if position <= self.get_position(reader):
+            return
+        with _translated():
+            self._recorder.insert_tracking(Tracking(reader, position))
+
+    def close(self) -> None:
+        self._factory.close()
+
+
+def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)

@@ -1,0 +1,71 @@
+"""The event store port: what broker_q needs from a store, and nothing more.
+
+Guarantees every adapter keeps (``tests/integration/test_store_contract.py`` proves them for each):
+
+- ``append`` is all-or-nothing, and refuses an event whose (stream, version) exists already with
+  :class:`~broker_q.errors.ConcurrencyConflict`: the unique key is the concurrency control.
+- Every appended event gets a position in one log shared by all streams; positions increase in
+  commit order (they may have gaps), so a reader that follows the log from a position it has seen
+  never misses an event that commits later.
+- ``set_position``/``get_position`` keep a named reader's position (the relay's, a projection's).
+- An unreachable database raises :class:`~broker_q.errors.StoreUnavailable`, which may be retried.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from broker_q.domain.events import Event
+
+__all__ = ["AppendResult", "EventStore", "Recorded"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """An event with its position in the store's log."""
+
+    position: int
+    event: Event
+
+
+AppendResult = list[int] | Exception
+"""Per group of :meth:`EventStore.append_groups`: the positions of its events, or the error that refused it."""
+
+
+class EventStore(Protocol):
+    def append(self, events: Sequence[Event]) -> list[int]:
+        """Append ``events`` in one transaction; return their positions in the log."""
+        ...
+
+    def append_groups(self, groups: Sequence[Sequence[Event]]) -> list[AppendResult]:
+        """Append independent groups, each all-or-nothing, in as few transactions as possible.
+
+        A conflict in one group does not refuse the others: it is isolated and returned in its place.
+        Raises :class:`~broker_q.errors.StoreUnavailable` if the store cannot be reached at all.
+        """
+        ...
+
+    def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None) -> list[Event]:
+        """The events of one stream in version order (up to ``to_version`` if given)."""
+        ...
+
+    def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:
+        """Up to ``limit`` events with positions greater than ``after`` (and at most ``to_position``)."""
+        ...
+
+    def max_position(self) -> int:
+        """The position of the last event, 0 if the log is empty."""
+        ...
+
+    def get_position(self, reader: str) -> int:
+        """The last position ``reader`` recorded, 0 if none."""
+        ...
+
+    def set_position(self, reader: str, position: int) -> None:
+        """Record that ``reader`` has handled everything up to ``position``. Positions only grow."""
+        ...
+
+    def close(self) -> None: ...

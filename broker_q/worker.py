@@ -1,0 +1,308 @@
+"""The worker: consumes ready tasks and ingress envelopes, runs handlers, records outcomes.
+
+Delivery guarantees (``docs/guarantees.md`` says the same to users):
+
+- A message is acknowledged only after the event it causes is committed. A worker that dies
+  before that leaves its messages unacknowledged; RabbitMQ redelivers them.
+- ``started`` is appended, with the version the work message carries, *before* the handler runs.
+  The store's unique (task, version) makes that append the arbiter: of two deliveries of one
+  task (a duplicate publish, or a redelivery), one wins and the other is acknowledged without
+  running. A message delivered twice runs once.
+- A redelivered message (RabbitMQ's ``redelivered`` flag) whose task is ``started`` means the
+  worker that started it was lost: this worker takes over with attempt n+1, and the history shows
+  both attempts. Execution is therefore at least once when workers die; state transitions are
+  exactly once.
+- The outcome is appended at the version after ``started``; if something else was recorded
+  meanwhile (another worker took over, or the task was cancelled), the outcome is dropped and the
+  stream keeps the decisive one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import os
+import socket
+import traceback
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import pydantic
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from broker_q.amqp.connection import connect
+from broker_q.amqp.topology import REASON_HEADER, Topology
+from broker_q.codec import dumps
+from broker_q.domain.events import IngressRejected, TaskEvent
+from broker_q.domain.task import (
+    TaskStatus,
+    failed_event,
+    replay,
+    start,
+    started_event,
+    submit,
+    succeeded_event,
+    task_id_for,
+)
+from broker_q.errors import ConcurrencyConflict, SerializationError, StoreUnavailable, ValidationError
+from broker_q.store.writer import GroupCommitWriter
+from broker_q.wire import ENVELOPE_CONTENT_TYPE, TaskEnvelope, WorkMessage
+
+if TYPE_CHECKING:
+    from broker_q.app import App, TaskDefinition
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    """A pool of handler slots consuming the given queues. Run it with :meth:`run`."""
+
+    def __init__(
+        self,
+        app: App,
+        queues: Sequence[str] | None = None,
+        *,
+        concurrency: int | None = None,
+        prefetch: int | None = None,
+        worker_id: str | None = None,
+        shutdown_grace: float | None = None,
+    ) -> None:
+        settings = app.settings
+        self.app = app
+        self.queues = list(queues or app.queues)
+        self.concurrency = concurrency or settings.worker_concurrency
+        self.prefetch = prefetch or settings.worker_prefetch or 2 * self.concurrency
+        self.id = worker_id or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        self.topology = Topology(settings.namespace)
+        self.ready = asyncio.Event()
+        """Set once the worker consumes from all its queues."""
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="broker_q-handler")
+        self._writer: GroupCommitWriter | None = None
+        self._publish_channel: AbstractChannel | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`)."""
+        store = await asyncio.to_thread(lambda: self.app.store)
+        self._writer = GroupCommitWriter(store)
+        connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
+        consumers: list[tuple[AbstractQueue, str]] = []
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=self.prefetch)
+            self._publish_channel = await connection.channel(publisher_confirms=True)
+            await self.topology.declare_exchanges(channel)
+            for queue in self.queues:
+                work_queue, ingress_queue = await self.topology.declare_queue(channel, queue)
+                consumers.append((work_queue, await work_queue.consume(self._spawn(self._on_work))))
+                consumers.append((ingress_queue, await ingress_queue.consume(
+                    self._spawn(functools.partial(self._on_ingress, queue=queue)))))
+            unrouted = await channel.declare_queue(self.topology.unrouted, durable=True)
+            consumers.append((unrouted, await unrouted.consume(self._spawn(self._on_unrouted))))
+            log.info("%s consuming %s (concurrency %d, prefetch %d)", self.id, ",".join(self.queues),
+                     self.concurrency, self.prefetch)
+            self.ready.set()
+            await stop.wait()
+            await self._shutdown(consumers)
+        finally:
+            await self._writer.close()
+            await connection.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _shutdown(self, consumers: list[tuple[AbstractQueue, str]]) -> None:
+        """Stop taking messages, give running tasks ``shutdown_grace`` seconds, then let go of the rest.
+
+        Messages still unacknowledged when the connection closes go back to their queue: those not
+        started run elsewhere as usual; those started are taken over as a new attempt.
+        """
+        for queue, tag in consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as e:  # the channel may be gone already; its messages are requeued anyway
+                log.debug("cancelling consumer %s: %s", tag, e)
+        if self._inflight:
+            log.info("%s waiting up to %.0fs for %d task(s)", self.id, self.shutdown_grace, len(self._inflight))
+            _, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning("%s left %d task(s) unfinished; they will be redelivered", self.id, len(pending))
+
+    def _spawn(self, handler: Any) -> Any:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.create_task(handler(message))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        return on_message
+
+    # -- work -------------------------------------------------------------------------------
+
+    async def _on_work(self, message: AbstractIncomingMessage) -> None:
+        try:
+            work = WorkMessage.model_validate_json(message.body)
+        except pydantic.ValidationError as e:
+            await self._refuse(message, f"malformed work message: {_summary(e)}", source=message.routing_key or "")
+            return
+        try:
+            async with self._slots:
+                await self._run(work, message)
+        except StoreUnavailable as e:
+            log.warning("not acknowledging task %s: %s", work.id, e)
+
+    async def _run(self, work: WorkMessage, message: AbstractIncomingMessage) -> None:
+        assert self._writer is not None
+        started = started_event(task_id=work.id, version=work.version + 1, attempt=work.attempt, worker=self.id,
+                                tenant=work.tenant, correlation_id=work.correlation_id, now=_now())
+        try:
+            await self._writer.append([started])
+        except ConcurrencyConflict:
+            taken = await self._take_over(work, message)
+            if taken is None:
+                await message.ack()
+                return
+            started = taken
+        definition = self.app.tasks.get(work.task)
+        outcome = await self._execute(definition, work, started.version + 1)
+        try:
+            await self._writer.append([outcome])
+        except ConcurrencyConflict:
+            log.info("task %s: outcome dropped, the task was decided elsewhere meanwhile", work.id)
+        await message.ack()
+
+    async def _take_over(self, work: WorkMessage, message: AbstractIncomingMessage) -> Any:
+        """The slow path after losing the race for ``started``: decide from the task's history."""
+        assert self._writer is not None
+        events = await asyncio.to_thread(self.app.store.read_stream, work.id)
+        state = replay(e for e in events if isinstance(e, TaskEvent))
+        if state is None or state.is_final:
+            return None
+        if state.status is TaskStatus.STARTED and not message.redelivered:
+            return None  # a duplicate of a delivery that is running now
+        if state.status is TaskStatus.READY and state.version != work.version:
+            return None  # a stale message: a newer one for this task exists
+        taken = start(state, worker=self.id, now=_now())
+        try:
+            await self._writer.append([taken])
+        except ConcurrencyConflict:
+            return None
+        if state.status is TaskStatus.STARTED:
+            log.warning("task %s: took over from %s, attempt %d", work.id, state.worker, taken.attempt)
+        return taken
+
+    async def _execute(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage,
+                       version: int) -> TaskEvent:
+        try:
+            if definition is None:
+                raise LookupError(f"no handler is registered for task {work.task!r} on {self.id}")
+            if definition.is_async:
+                result = await definition.fn(*work.args, **work.kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(definition.fn, *work.args, **work.kwargs)
+                result = await loop.run_in_executor(self._pool, call)
+        except Exception as e:
+            return self._failed(work, version, e)
+        try:
+            dumps(result)
+        except SerializationError as e:
+            return self._failed(work, version, e, "the result cannot be recorded: ")
+        return succeeded_event(work.id, version, work.tenant, self.id, work.correlation_id, result, _now())
+
+    def _failed(self, work: WorkMessage, version: int, error: Exception, prefix: str = "") -> TaskEvent:
+        return failed_event(work.id, version, work.tenant, self.id, work.correlation_id, type(error).__name__,
+                            prefix + str(error), traceback.format_exc(), _now())
+
+    # -- ingress ------------------------------------------------------------------------------
+
+    async def _on_ingress(self, message: AbstractIncomingMessage, *, queue: str) -> None:
+        assert self._writer is not None
+        try:
+            event = self._accept(message, queue)
+        except ValidationError as e:
+            await self._refuse(message, str(e), source=queue)
+            return
+        try:
+            await self._writer.append([event])
+        except ConcurrencyConflict:
+            pass  # the same idempotency key again: the task exists already
+        except StoreUnavailable as e:
+            log.warning("not acknowledging ingress message: %s", e)
+            return
+        await message.ack()
+
+    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskEvent:
+        limit = self.app.settings.max_message_bytes
+        if len(message.body) > limit:
+            raise ValidationError(f"message of {len(message.body)} bytes is over the limit of {limit} bytes")
+        if message.content_type not in (None, "", ENVELOPE_CONTENT_TYPE):
+            raise ValidationError(f"content type {message.content_type!r} is not {ENVELOPE_CONTENT_TYPE}")
+        try:
+            envelope = TaskEnvelope.model_validate_json(message.body)
+        except pydantic.ValidationError as e:
+            raise ValidationError(f"invalid task envelope: {_summary(e)}") from e
+        definition = self.app.tasks.get(envelope.task)
+        if definition is None:
+            raise ValidationError(f"unknown task {envelope.task!r} for queue {queue!r}")
+        definition.check_arguments(envelope.args, envelope.kwargs)
+        tenant = envelope.tenant or self.app.settings.tenant
+        key = envelope.idempotency_key or message.message_id
+        return submit(
+            task_id=task_id_for(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
+            kwargs=envelope.kwargs, priority=definition.priority if envelope.priority is None else envelope.priority,
+            tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=_now(),
+            correlation_id=envelope.correlation_id, idempotency_key=key,
+        )
+
+    async def _on_unrouted(self, message: AbstractIncomingMessage) -> None:
+        await self._refuse(message, f"no queue serves routing key {message.routing_key!r}",
+                           source=message.routing_key or "")
+
+    async def _refuse(self, message: AbstractIncomingMessage, reason: str, *, source: str) -> None:
+        """Move ``message`` to the invalid-message queue with ``reason`` and record the refusal."""
+        assert self._writer is not None and self._publish_channel is not None
+        log.warning("refused a message from %s: %s", source, reason)
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers.update({REASON_HEADER: reason[:1000], "x-broker-q-source": source,
+                        "x-broker-q-refused-by": self.id})
+        await self._publish_channel.default_exchange.publish(
+            aio_pika.Message(message.body, headers=headers, content_type=message.content_type,
+                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self.topology.invalid_queue,
+        )
+        stream_id = uuid.uuid4()
+        event = IngressRejected(
+            stream_id=stream_id, version=1, timestamp=_now(), tenant=self.app.settings.tenant, actor=self.id,
+            correlation_id=stream_id, reason=reason, queue=source, message_id=message.message_id,
+            size=len(message.body), sha256=hashlib.sha256(message.body).hexdigest(),
+        )
+        try:
+            await self._writer.append([event])
+        except StoreUnavailable as e:
+            log.warning("refusal of a message not recorded: %s", e)
+            return
+        await message.ack()
+
+
+def _summary(error: pydantic.ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:3]:
+        where = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(parts)
+
