@@ -27,11 +27,12 @@ from broker_q.domain.events import Event, TaskSubmitted
 from broker_q.store.port import EventStore, Recorded
 from broker_q.wire import WORK_MESSAGE_TYPE
 
-__all__ = ["Relay", "work_message_body"]
+__all__ = ["EVENTS_MESSAGE_TYPE", "Relay", "work_message_body"]
 
 log = logging.getLogger(__name__)
 
 _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+EVENTS_MESSAGE_TYPE = "broker_q.events.v1"
 
 
 def work_message_body(event: TaskSubmitted) -> bytes:
@@ -111,18 +112,18 @@ class Relay:
     async def _publish(
         self, channel: AbstractChannel, exchanges: dict[str, AbstractExchange], records: list[Recorded]
     ) -> None:
+        # Events go out as one message per routing key per page, a JSON array in log order: topic
+        # routing works as for single events, and the relay publishes a few messages per page
+        # instead of one per event (one per event capped the whole system at the broker's
+        # publish rate). Ready tasks go out one message each: each is consumed and acked alone.
         events_exchange, work_exchange = exchanges["events"], exchanges["work"]
         confirms: list[Awaitable[Any]] = []
+        batches: dict[str, list[bytes]] = {}
         for record in records:
             event = record.event
-            body = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}' % (
+            batches.setdefault(event_routing_key(event), []).append(b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}' % (
                 record.position, str(event.stream_id).encode(), event.version, event.TOPIC.encode(),
                 encode_event(event),
-            )
-            confirms.append(events_exchange.publish(
-                aio_pika.Message(body, delivery_mode=_PERSISTENT, content_type="application/json", type=event.TOPIC,
-                                 message_id=f"{event.stream_id}:{event.version}"),
-                routing_key=event_routing_key(event),
             ))
             if isinstance(event, TaskSubmitted):
                 if event.queue not in self._declared:
@@ -135,6 +136,12 @@ class Relay:
                                      message_id=f"{event.stream_id}:{event.version}"),
                     routing_key=event.queue,
                 ))
+        for routing_key, bodies in batches.items():
+            confirms.append(events_exchange.publish(
+                aio_pika.Message(b"[" + b",".join(bodies) + b"]", delivery_mode=_PERSISTENT,
+                                 content_type="application/json", type=EVENTS_MESSAGE_TYPE),
+                routing_key=routing_key,
+            ))
         await asyncio.gather(*confirms)
 
 

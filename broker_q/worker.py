@@ -144,10 +144,16 @@ class Worker:
                 log.warning("%s left %d task(s) unfinished; they will be redelivered", self.id, len(pending))
 
     def _spawn(self, handler: Any) -> Any:
+        # aio-pika runs each delivery's callback in a task of its own; tracking that task is what
+        # lets shutdown wait for the work in flight.
         async def on_message(message: AbstractIncomingMessage) -> None:
-            task = asyncio.create_task(handler(message))
+            task = asyncio.current_task()
+            assert task is not None
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            try:
+                await handler(message)
+            finally:
+                self._inflight.discard(task)
 
         return on_message
 

@@ -73,6 +73,12 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_store_url(request: pytest.FixtureRequest) -> str:
+    """Each store that several processes (or a worker and a client) can share."""
+    return str(request.getfixturevalue(f"{request.param}_url" if request.param == "sqlite" else "pg_url"))
+
+
 @pytest.fixture
 async def amqp_cleanup(amqp_url: str, namespace: str) -> AsyncIterator[list[str]]:
     """Deletes this test's exchanges and queues afterwards; append extra queue names to the list."""

@@ -1,0 +1,214 @@
+"""End-to-end throughput and latency of broker_q beside raw aio-pika, measured in the same run.
+
+broker_q: a fresh store and namespace per run; ``broker-q run bench.noop_app:app`` (relay and worker
+in one process) is started and ready; then this process submits N no-op tasks (async submits,
+group-committed) and the clock stops when the store holds every task's ``succeeded`` event, i.e.
+every state change of every task is durably recorded. Raw aio-pika: one process publishes N
+persistent messages with publisher confirms while a consumer on another channel acks each one;
+the clock stops at the last ack. Latency: with an idle worker, one task at a time, from the call
+to ``submit`` to the moment the handler starts (the handler returns ``time.time()``).
+
+Usage: python bench/e2e.py [--tasks N] [--runs R] [--stores sqlite,postgres] [--latency-samples K]
+Prints a Markdown table (medians over runs) to paste into bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("BROKER_Q_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PG_DSN = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+sys.path.insert(0, str(ROOT))
+
+
+async def raw_aio_pika(n: int) -> float:
+    """Seconds for n messages: publish with confirms and consume-and-ack, concurrently."""
+    queue_name = f"bench.raw.{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    publish_channel = await connection.channel(publisher_confirms=True)
+    consume_channel = await connection.channel()
+    await consume_channel.set_qos(prefetch_count=200)
+    queue = await consume_channel.declare_queue(queue_name, durable=True)
+    done = asyncio.Event()
+    received = 0
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal received
+        await message.ack()
+        received += 1
+        if received == n:
+            done.set()
+
+    await queue.consume(on_message)
+    started = time.perf_counter()
+    window = 500
+    for i in range(0, n, window):
+        await asyncio.gather(*(
+            publish_channel.default_exchange.publish(
+                aio_pika.Message(b'{"task":"noop"}', delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=queue_name)
+            for _ in range(min(window, n - i))))
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    await queue.delete(if_unused=False, if_empty=False)
+    await connection.close()
+    return elapsed
+
+
+def store_url(kind: str) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tempfile.mkdtemp(prefix='bq-bench-')}/store.sqlite"
+    return f"{PG_DSN}?schema=bench_{uuid.uuid4().hex[:8]}"
+
+
+def drop_schema(url: str) -> None:
+    if "schema=" in url:
+        import psycopg
+
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{url.split("schema=")[1]}" CASCADE')
+
+
+def start_worker(url: str, namespace: str, concurrency: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "BROKER_Q_STORE": url, "BROKER_Q_NAMESPACE": namespace, "BROKER_Q_AMQP_URL": AMQP_URL,
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker_q.cli", "run", "bench.noop_app:app", "--concurrency", str(concurrency)],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def wait_ready(process: subprocess.Popen[bytes]) -> None:
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        if "consuming" in line:
+            return
+        if not line and process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}")
+    raise RuntimeError("worker did not start")
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+async def broker_q_run(kind: str, n: int, concurrency: int) -> tuple[float, float]:
+    """(seconds to submit n tasks, seconds until all n succeeded in the store)."""
+    from broker_q import App
+
+    url, namespace = store_url(kind), f"bench{uuid.uuid4().hex[:8]}"
+    app = App(store=url, namespace=namespace, amqp_url=AMQP_URL)
+    app.store.max_position()  # create the tables before the worker does
+    worker = start_worker(url, namespace, concurrency)
+    try:
+        wait_ready(worker)
+        started = time.perf_counter()
+        chunk = 1000
+        for i in range(0, n, chunk):
+            await asyncio.gather(*(app.submit_async("noop") for _ in range(min(chunk, n - i))))
+        submitted = time.perf_counter() - started
+        while app.store.max_position() < 3 * n:
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        succeeded = sum(1 for r in app.store.read_log(0, 4 * n) if r.event.TYPE == "succeeded")
+        assert succeeded == n, f"{succeeded} of {n} succeeded"
+        return submitted, elapsed
+    finally:
+        stop_worker(worker)
+        app.close()
+        drop_schema(url)
+        await delete_namespace(namespace)
+
+
+async def latency(kind: str, samples: int) -> list[float]:
+    """Milliseconds from submit to handler start, idle worker, one task at a time."""
+    from broker_q import App
+
+    url, namespace = store_url(kind), f"bench{uuid.uuid4().hex[:8]}"
+    app = App(store=url, namespace=namespace, amqp_url=AMQP_URL)
+    app.store.max_position()
+    worker = start_worker(url, namespace, 8)
+    result = []
+    try:
+        wait_ready(worker)
+        for _ in range(samples + 5):
+            t0 = time.time()
+            handle = app.submit("started_at")
+            started_at = await handle.result(timeout=30)
+            result.append((started_at - t0) * 1000)
+            await asyncio.sleep(0.02)  # let the worker go idle again
+        return result[5:]
+    finally:
+        stop_worker(worker)
+        app.close()
+        drop_schema(url)
+        await delete_namespace(namespace)
+
+
+async def delete_namespace(namespace: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    for queue in ("work.default", "ingress.default", "ingress.unrouted", "invalid"):
+        await channel.queue_delete(f"{namespace}.{queue}")
+    for exchange in ("ingress", "ingress.unrouted", "work", "events"):
+        await channel.exchange_delete(f"{namespace}.{exchange}")
+    await connection.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stores", default="sqlite,postgres")
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    options = parser.parse_args()
+    stores = options.stores.split(",")
+    raw: list[float] = []
+    results: dict[str, list[tuple[float, float]]] = {s: [] for s in stores}
+    for run in range(options.runs):  # interleaved, so drift in the machine's load hits every subject alike
+        raw.append(options.tasks / await raw_aio_pika(options.tasks))
+        for store in stores:
+            submit_s, total_s = await broker_q_run(store, options.tasks, options.concurrency)
+            results[store].append((options.tasks / submit_s, options.tasks / total_s))
+        print(f"run {run + 1}: raw {raw[-1]:,.0f}/s; " + "; ".join(
+            f"{s} {results[s][-1][1]:,.0f}/s" for s in stores), file=sys.stderr)
+    raw_median = statistics.median(raw)
+    print(f"\n{options.tasks:,} no-op tasks, {options.runs} interleaved runs, medians (min-max)\n")
+    print("| subject | submit tasks/s | end-to-end tasks/s | ratio to raw aio-pika |")
+    print("|---|---:|---:|---:|")
+    print(f"| raw aio-pika (confirms, publish + consume/ack) | | {raw_median:,.0f} ({min(raw):,.0f}-{max(raw):,.0f}) | 1.00 |")
+    for store in stores:
+        submit = [r[0] for r in results[store]]
+        e2e = [r[1] for r in results[store]]
+        print(f"| broker_q, {store} store | {statistics.median(submit):,.0f} | {statistics.median(e2e):,.0f} "
+              f"({min(e2e):,.0f}-{max(e2e):,.0f}) | {statistics.median(e2e) / raw_median:.2f} |")
+    if options.latency_samples:
+        print("\n| subject | submit-to-start p50 ms | p99 ms |")
+        print("|---|---:|---:|")
+        for store in stores:
+            samples = sorted(await latency(store, options.latency_samples))
+            p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+            print(f"| broker_q, {store} store, idle worker | {statistics.median(samples):.2f} | {p99:.2f} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

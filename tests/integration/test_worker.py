@@ -1,0 +1,273 @@
+"""The worker against the real RabbitMQ and SQLite/PostgreSQL stores, in-process and as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from broker_q import App, TaskFailed, TaskStatus
+from broker_q.amqp.topology import REASON_HEADER, Topology
+from broker_q.domain.events import TaskSubmitted
+from broker_q.relay import work_message_body
+from tests.helpers import running, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _app(store: str, amqp_url: str, namespace: str) -> App:
+    return App(store=store, amqp_url=amqp_url, namespace=namespace)
+
+
+async def test_a_message_delivered_twice_runs_once(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    calls: list[int] = []
+
+    @app.task(name="count")
+    def count(n: int) -> int:
+        calls.append(n)
+        return n
+
+    handle = app.submit("count", [7])
+    submitted = app.history(handle.id)[0]
+    assert isinstance(submitted, TaskSubmitted)
+    async with running(app, relay=False, concurrency=4) as worker:
+        connection = await aio_pika.connect(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(worker.topology.work_exchange)
+        for _ in range(2):
+            await exchange.publish(aio_pika.Message(work_message_body(submitted)), routing_key="default")
+        queue = await channel.declare_queue(worker.topology.work_queue("default"), passive=True)
+
+        async def both_acked() -> bool:
+            declared = await channel.declare_queue(queue.name, passive=True)
+            return app.get_task(handle.id).status is TaskStatus.SUCCEEDED and \
+                declared.declaration_result.message_count == 0 and not worker._inflight
+
+        await wait_for(both_acked, what="both deliveries handled")
+        await connection.close()
+    assert calls == [7]
+    assert [e.TYPE for e in app.history(handle.id)] == ["submitted", "started", "succeeded"]
+
+
+async def test_failures_are_recorded_and_the_worker_keeps_going(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(durable_store_url, amqp_url, namespace)
+
+    @app.task(name="boom")
+    def boom() -> None:
+        raise ValueError("bad input")
+
+    @app.task(name="unserialisable")
+    async def unserialisable() -> object:
+        return object()
+
+    @app.task(name="where")
+    def where() -> str:
+        return threading.current_thread().name
+
+    @app.task(name="where_async")
+    async def where_async() -> str:
+        return threading.current_thread().name
+
+    async with running(app):
+        failing = await boom.submit()
+        bad_result = await unserialisable.submit()
+        unknown = await app.submit_async("nobody.handles.this")
+        sync_thread = await where.submit()
+        async_thread = await where_async.submit()
+        with pytest.raises(TaskFailed) as failed:
+            await failing.result(timeout=10)
+        assert failed.value.error_type == "ValueError" and "bad input" in failed.value.message
+        assert "raise ValueError" in (failed.value.traceback or "")
+        with pytest.raises(TaskFailed, match="the result cannot be recorded"):
+            await bad_result.result(timeout=10)
+        with pytest.raises(TaskFailed, match="no handler is registered for task 'nobody.handles.this'"):
+            await unknown.result(timeout=10)
+        assert (await sync_thread.result(timeout=10)).startswith("broker_q-handler")
+        assert await async_thread.result(timeout=10) == "MainThread"
+
+
+async def test_a_malformed_work_message_goes_to_the_invalid_queue(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    async with running(app) as worker:
+        connection = await aio_pika.connect(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(worker.topology.work_exchange)
+        await exchange.publish(aio_pika.Message(b"{not json"), routing_key="default")
+        invalid = await channel.declare_queue(worker.topology.invalid_queue, passive=True)
+        messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def refused() -> bool:
+            message = await invalid.get(fail=False)
+            if message is not None:
+                messages.append(message)
+            return bool(messages)
+
+        await wait_for(refused, what="the message in the invalid queue")
+        assert "malformed work message" in str(messages[0].headers[REASON_HEADER])
+        assert messages[0].body == b"{not json"
+        handle = await add.submit(2, 3)
+        assert await handle.result(timeout=10) == 5
+        await connection.close()
+    rejected = [r.event for r in app.store.read_log(0, 100) if r.event.TYPE == "ingress_rejected"]
+    assert len(rejected) == 1
+
+
+async def test_priorities_order_the_work_queue(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    low = app.submit("t", priority=1)
+    high = app.submit("t", priority=9)
+    middle = app.submit("t", priority=5)
+    from broker_q.relay import Relay
+
+    stop = asyncio.Event()
+    relay = Relay(app.store, amqp_url, Topology(namespace), poll_interval=0.005)
+    relay_task = asyncio.create_task(relay.run(stop))
+    await wait_for(lambda: relay.position == app.store.max_position(), what="the relay to publish")
+    stop.set()
+    await relay_task
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(Topology(namespace).work_queue("default"), passive=True)
+    order = []
+    for _ in range(3):
+        message = await queue.get(timeout=5)
+        assert message.message_id is not None
+        order.append(uuid.UUID(message.message_id.split(":")[0]))
+        await message.ack()
+    await connection.close()
+    assert order == [high.id, middle.id, low.id]
+
+
+# -- as separate processes ------------------------------------------------------------------
+
+
+@pytest.fixture
+def process_env(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    log = tmp_path / "processes.log"
+    yield {**os.environ, "BROKER_Q_STORE": sqlite_url, "BROKER_Q_AMQP_URL": amqp_url,
+           "BROKER_Q_NAMESPACE": namespace, "PYTHONPATH": str(ROOT), "BROKER_Q_SHUTDOWN_GRACE": "20",
+           "BROKER_Q_TEST_LOG": str(log)}
+    if log.exists():
+        print(log.read_text())  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def broker_q(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """Start ``broker-q ARGS``; its output goes to the log file named by BROKER_Q_TEST_LOG, shown on failure."""
+    with open(env["BROKER_Q_TEST_LOG"], "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "broker_q.cli", *args], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker_q.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_a_task_submitted_while_rabbitmq_is_unreachable_runs_later(
+    process_env: dict[str, str], processes: list[subprocess.Popen[bytes]]
+) -> None:
+    unreachable = {**process_env, "BROKER_Q_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    submitted = cli(unreachable, "submit", "add", "--args", "[1,2]")
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = uuid.UUID(submitted.stdout.strip())
+    app = App(store=process_env["BROKER_Q_STORE"])
+    assert app.get_task(task_id).status is TaskStatus.READY
+    processes.append(broker_q(process_env, "run", "tests.integration.apps:app"))
+    assert await app.handle(task_id).result(timeout=30) == 3
+    status = cli(process_env, "status", str(task_id), "--json")
+    assert '"state": "succeeded"' in status.stdout and '"result": 3' in status.stdout
+
+
+async def test_a_worker_killed_mid_task_is_taken_over_by_another(
+    process_env: dict[str, str], processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    app = App(store=process_env["BROKER_Q_STORE"])
+    marker = tmp_path / "first-attempt"
+    handle = app.submit("hang_first_time", kwargs={"marker": str(marker)})
+    processes.append(broker_q(process_env, "relay"))
+    first = broker_q(process_env, "worker", "tests.integration.apps:app")
+    processes.append(first)
+    await wait_for(lambda: marker.exists() and app.get_task(handle.id).status is TaskStatus.STARTED,
+                   timeout=30, what="the first attempt to start")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    processes.append(broker_q(process_env, "worker", "tests.integration.apps:app"))
+    result = await handle.result(timeout=60)
+    assert result.startswith("done by") and result != f"done by {marker.read_text()}"
+    history = app.history(handle.id)
+    assert [e.TYPE for e in history] == ["submitted", "started", "started", "succeeded"]
+    assert [getattr(e, "attempt", None) for e in history[1:3]] == [1, 2]
+    assert history[1].actor != history[2].actor
+
+
+async def test_sigterm_lets_the_running_task_finish(
+    process_env: dict[str, str], processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    app = App(store=process_env["BROKER_Q_STORE"])
+    marker = tmp_path / "running"
+    handle = app.submit("sleep_then_return", kwargs={"seconds": 1.5, "marker": str(marker)})
+    worker = broker_q(process_env, "run", "tests.integration.apps:app")
+    processes.append(worker)
+    await wait_for(marker.exists, timeout=30, what="the task to start")
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, 30) == 0
+    state = app.get_task(handle.id)
+    assert state.status is TaskStatus.SUCCEEDED and state.attempts == 1
+
+
+def test_cli_errors_are_one_line(process_env: dict[str, str]) -> None:
+    for args, needle in (
+        (["status", "not-a-uuid"], "is not a task id"),
+        (["status", str(uuid.uuid4())], "no task with id"),
+        (["submit", "add", "--args", "{"], "--args must be JSON"),
+        (["submit", "add", "--kwargs", "[]"], "--kwargs must be a JSON object"),
+        (["worker", "no_such_module:app"], "cannot import"),
+        (["--store", "mysql://x", "status", str(uuid.uuid4())], "unsupported store URL"),
+    ):
+        result = cli(process_env, *args)
+        assert result.returncode != 0, args
+        assert result.stderr.count("\n") == 1 and needle in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_history_lists_every_event(process_env: dict[str, str]) -> None:
+    task_id = cli(process_env, "submit", "add", "--args", "[1,2]", "--priority", "7").stdout.strip()
+    out = cli(process_env, "history", task_id).stdout
+    assert "submitted" in out and "client:" in out
+    as_json = cli(process_env, "history", task_id, "--json").stdout
+    assert '"type": "submitted"' in as_json and '"priority": 7' in as_json
