@@ -1,0 +1,104 @@
+"""The public names of each package, pinned: adding or removing one is a decision, not an accident."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+EXPORTED = {
+    "broker_q": [
+        "App",
+        "BrokerQError",
+        "BrokerUnavailable",
+        "ConcurrencyConflict",
+        "ConfigurationError",
+        "DomainError",
+        "SerializationError",
+        "Settings",
+        "StoreError",
+        "StoreUnavailable",
+        "TaskCancelled",
+        "TaskDefinition",
+        "TaskFailed",
+        "TaskHandle",
+        "TaskNotFound",
+        "TaskState",
+        "TaskStatus",
+        "UnknownTask",
+        "ValidationError",
+    ],
+    "broker_q.domain": [
+        "Event",
+        "FINAL_STATES",
+        "IngressRejected",
+        "MAX_PRIORITY",
+        "TOPICS",
+        "TaskCancelled",
+        "TaskEvent",
+        "TaskFailed",
+        "TaskStarted",
+        "TaskState",
+        "TaskStatus",
+        "TaskSubmitted",
+        "TaskSucceeded",
+        "event_id",
+        "evolve",
+        "replay",
+    ],
+    "broker_q.store": [
+        "AppendResult",
+        "EventStore",
+        "GroupCommitWriter",
+        "Recorded",
+        "RecorderEventStore",
+        "open_store",
+        "store_environment",
+    ],
+    "broker_q.amqp": ["REASON_HEADER", "Topology", "connect", "redact"],
+    "broker_q.errors": [
+        "BrokerQError",
+        "BrokerUnavailable",
+        "ConcurrencyConflict",
+        "ConfigurationError",
+        "DomainError",
+        "SerializationError",
+        "StoreError",
+        "StoreUnavailable",
+        "TaskCancelled",
+        "TaskFailed",
+        "TaskNotFound",
+        "UnknownTask",
+        "ValidationError",
+    ],
+}
+
+
+@pytest.mark.parametrize(("module_name", "names"), EXPORTED.items(), ids=list(EXPORTED))
+def test_all_is_pinned(module_name: str, names: list[str]) -> None:
+    module = importlib.import_module(module_name)
+    assert sorted(module.__all__) == sorted(names)
+    assert len(set(module.__all__)) == len(module.__all__), "a name is exported twice"
+
+
+@pytest.mark.parametrize(("module_name", "names"), EXPORTED.items(), ids=list(EXPORTED))
+def test_every_exported_name_exists(module_name: str, names: list[str]) -> None:
+    module = importlib.import_module(module_name)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing
+
+
+def test_every_error_derives_from_the_root() -> None:
+    errors = importlib.import_module("broker_q.errors")
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.BrokerQError), name
+
+
+def test_the_root_package_re_exports_the_same_objects() -> None:
+    root = importlib.import_module("broker_q")
+    errors = importlib.import_module("broker_q.errors")
+    domain = importlib.import_module("broker_q.domain")
+    for name in errors.__all__:
+        assert getattr(root, name) is getattr(errors, name), name
+    assert root.TaskState is domain.TaskState
+    assert root.TaskStatus is domain.TaskStatus
