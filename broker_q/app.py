@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -74,7 +74,7 @@ class App:
         self, *, name: str | None = None, queue: str | None = None, priority: int | None = None
     ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
 
-    def task(
+    def task(  # type: ignore[misc]  # mypy cannot match ParamSpec overloads of a decorator factory
         self,
         fn: Callable[P, R] | None = None,
         /,
@@ -308,7 +308,8 @@ class TaskHandle(Generic[R]):
         except TaskNotFound:
             return None
         if state.status is TaskStatus.SUCCEEDED:
-            return lambda: state.result  # type: ignore[no-any-return]
+            result: R = state.result
+            return lambda: result
         if state.status is TaskStatus.FAILED:
             error = TaskFailed(str(self.id), state.error_type or "Error", state.error or "", state.traceback)
             return functools.partial(_raise, error)
@@ -337,5 +338,3 @@ def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
     except ValueError:
         raise ValidationError(f"{value!r} is not a task id") from None
 
-
-Handler = Callable[..., Any] | Callable[..., Awaitable[Any]]

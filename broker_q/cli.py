@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("app", metavar="MODULE:APP", help="where the App is, e.g. myproject.tasks:app")
         sub.add_argument("--queues", help="comma-separated queues (default: the queues of the app's tasks)")
         sub.add_argument("--concurrency", type=_positive_int, help="handlers running at once")
-        sub.add_argument("--prefetch", type=_positive_int, help="messages held unacknowledged (default 2 x concurrency)")
+        sub.add_argument("--prefetch", type=_positive_int, help="messages held unacked (default 2 x concurrency)")
         sub.add_argument("-v", "--verbose", action="store_true")
 
     sub = command("relay", _relay, "publish recorded events and ready tasks to RabbitMQ")
@@ -202,9 +202,7 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        relay = Relay(app.store, app.settings.amqp_url, Topology(app.settings.namespace),
-                      page_size=app.settings.relay_page_size, poll_interval=app.settings.relay_poll_interval)
-        return [relay.run(stop), _worker_for(app, options).run(stop)]
+        return [_relay_for(app).run(stop), _worker_for(app, options).run(stop)]
 
     print(f"broker_q: store {app.settings.store}, queues {options.queues or ','.join(app.queues)}", file=sys.stderr)
     return _serve(options, components)
@@ -212,9 +210,13 @@ def _run(options: argparse.Namespace) -> int:
 
 def _relay(options: argparse.Namespace) -> int:
     app = _app(options)
-    return _serve(options, lambda stop: [Relay(app.store, app.settings.amqp_url, Topology(app.settings.namespace),
-                                               page_size=app.settings.relay_page_size,
-                                               poll_interval=app.settings.relay_poll_interval).run(stop)])
+    return _serve(options, lambda stop: [_relay_for(app).run(stop)])
+
+
+def _relay_for(app: App) -> Relay:
+    settings = app.settings
+    return Relay(app.store, settings.amqp_url, Topology(settings.namespace), page_size=settings.relay_page_size,
+                 poll_interval=settings.relay_poll_interval, watch=settings.store)
 
 
 def _worker_for(app: App, options: argparse.Namespace) -> Worker:

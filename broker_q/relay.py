@@ -6,6 +6,9 @@ of the whole page, and only then records the new position. A crash anywhere in b
 nothing: the page is published again on restart. Consumers must therefore accept duplicates;
 workers do, by the stream version carried in each work message (see :mod:`broker_q.worker`).
 
+It reads the log when the store signals a change (:mod:`broker_q.store.notify`) and every
+``poll_interval`` seconds in any case.
+
 While RabbitMQ is unreachable the relay retries with a capped backoff; the store keeps every event
 meanwhile, so submitting never depends on the broker being up.
 """
@@ -13,6 +16,7 @@ meanwhile, so submitting never depends on the broker being up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -24,6 +28,7 @@ from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import Topology
 from broker_q.codec import dumps, encode_event
 from broker_q.domain.events import Event, TaskSubmitted
+from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
 from broker_q.wire import WORK_MESSAGE_TYPE
 
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 EVENTS_MESSAGE_TYPE = "broker_q.events.v1"
+_SETTLE = (0.001, 0.002, 0.004, 0.008, 0.016)
+_EVENT_JSON = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}'
 
 
 def work_message_body(event: TaskSubmitted) -> bytes:
@@ -58,8 +65,9 @@ class Relay:
         *,
         name: str = "relay",
         page_size: int = 500,
-        poll_interval: float = 0.002,
+        poll_interval: float = 0.1,
         max_backoff: float = 5.0,
+        watch: str | None = None,
     ) -> None:
         self._store = store
         self._amqp_url = amqp_url
@@ -68,6 +76,7 @@ class Relay:
         self._page_size = page_size
         self._poll_interval = poll_interval
         self._max_backoff = max_backoff
+        self._watch = watch
         self._declared: set[str] = set()
         self.wakeup = asyncio.Event()
         """Set it to make an idle relay look at the store at once (an in-process hint; polling is the guarantee)."""
@@ -76,6 +85,16 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set, reconnecting to RabbitMQ and the store as often as needed."""
+        watcher = asyncio.create_task(watch_changes(self._watch, self.wakeup)) if self._watch else None
+        try:
+            await self._run(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         while not stop.is_set():
             try:
@@ -97,12 +116,20 @@ class Relay:
             self._declared.clear()
             self.position = await asyncio.to_thread(self._store.get_position, self._name)
             log.info("relay %s publishing from position %d", self._name, self.position)
+            settle = len(_SETTLE)
             while not stop.is_set():
+                self.wakeup.clear()  # before reading: a commit after the read sets it again
                 records = await asyncio.to_thread(self._store.read_log, self.position, self._page_size)
                 if not records:
-                    self.wakeup.clear()
-                    await _wait(stop, self._poll_interval, self.wakeup)
+                    # A wake-up can come before the commit that caused it is visible (SQLite writes
+                    # the WAL before it commits), so after one, look again a few times quickly.
+                    delay = _SETTLE[settle] if settle < len(_SETTLE) else self._poll_interval
+                    settle += 1
+                    await _wait(stop, delay, self.wakeup)
+                    if self.wakeup.is_set():
+                        settle = 0
                     continue
+                settle = 0
                 await self._publish(channel, exchanges, records)
                 self.position = records[-1].position
                 await asyncio.to_thread(self._store.set_position, self._name, self.position)
@@ -121,7 +148,7 @@ class Relay:
         batches: dict[str, list[bytes]] = {}
         for record in records:
             event = record.event
-            batches.setdefault(event_routing_key(event), []).append(b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}' % (
+            batches.setdefault(event_routing_key(event), []).append(_EVENT_JSON % (
                 record.position, str(event.stream_id).encode(), event.version, event.TOPIC.encode(),
                 encode_event(event),
             ))

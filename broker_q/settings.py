@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     tenant: str = "default"
     max_message_bytes: int = Field(default=1_048_576, gt=0, description="Larger ingress messages are refused")
     relay_page_size: int = Field(default=500, gt=0)
-    relay_poll_interval: float = Field(default=0.002, gt=0,
-                                       description="Seconds between polls of the store when the relay is idle")
+    relay_poll_interval: float = Field(
+        default=0.1, gt=0,
+        description="Seconds between reads of an idle store; the store's change signal wakes the relay sooner")
     worker_concurrency: int = Field(default=8, gt=0)
     worker_prefetch: int | None = Field(default=None, gt=0, description="Defaults to 2 x concurrency")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds SIGTERM waits for running tasks")

@@ -281,7 +281,8 @@ class Worker:
 
     async def _refuse(self, message: AbstractIncomingMessage, reason: str, *, source: str) -> None:
         """Move ``message`` to the invalid-message queue with ``reason`` and record the refusal."""
-        assert self._writer is not None and self._publish_channel is not None
+        assert self._writer is not None
+        assert self._publish_channel is not None
         log.warning("refused a message from %s: %s", source, reason)
         headers: dict[str, Any] = dict(message.headers or {})
         headers.update({REASON_HEADER: reason[:1000], "x-broker-q-source": source,

@@ -97,7 +97,7 @@ def _ensure_schema(env: dict[str, str]) -> None:
         import psycopg
         from psycopg import sql
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ConfigurationError("a postgresql:// store needs the [postgres] extra: pip install 'broker_q[postgres]'") from e
+        raise ConfigurationError("a postgresql:// store needs: pip install 'broker_q[postgres]'") from e
     try:
         with psycopg.connect(
             dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],

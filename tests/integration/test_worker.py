@@ -271,3 +271,25 @@ def test_history_lists_every_event(process_env: dict[str, str]) -> None:
     assert "submitted" in out and "client:" in out
     as_json = cli(process_env, "history", task_id, "--json").stdout
     assert '"type": "submitted"' in as_json and '"priority": 7' in as_json
+
+
+async def test_the_relay_wakes_on_commit_instead_of_polling(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """With polling every 60 s, only the store's change signal can make the relay publish in time."""
+    from broker_q.relay import Relay
+
+    app = _app(durable_store_url, amqp_url, namespace)
+    stop = asyncio.Event()
+    relay = Relay(app.store, amqp_url, Topology(namespace), poll_interval=60, watch=durable_store_url)
+    relay_task = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_for(lambda: relay.wakeup.is_set() or relay.position == 0, what="the relay to start")
+        await asyncio.sleep(0)  # let the relay reach its idle wait
+        for _ in range(3):
+            handle = await asyncio.to_thread(app.submit, "t")
+            position = app.store.max_position()
+            await wait_for(lambda: relay.position >= position, timeout=5, what=f"the relay to publish {handle.id}")
+    finally:
+        stop.set()
+        await relay_task
