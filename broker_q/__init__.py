@@ -4,24 +4,30 @@ Every change of a task's state is an immutable event in an event store; a relay 
 events to RabbitMQ; workers run handlers and record the outcomes. See ``README.md``.
 """
 
-from broker_q.app import App, TaskDefinition, TaskHandle
-from broker_q.domain.task import TaskState, TaskStatus
-from broker_q.errors import (
-    BrokerQError,
-    BrokerUnavailable,
-    ConcurrencyConflict,
-    ConfigurationError,
-    DomainError,
-    SerializationError,
-    StoreError,
-    StoreUnavailable,
-    TaskCancelled,
-    TaskFailed,
-    TaskNotFound,
-    UnknownTask,
-    ValidationError,
-)
-from broker_q.settings import Settings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker_q.app import App, TaskDefinition, TaskHandle
+    from broker_q.domain.task import TaskState, TaskStatus
+    from broker_q.errors import (
+        BrokerQError,
+        BrokerUnavailable,
+        ConcurrencyConflict,
+        ConfigurationError,
+        DomainError,
+        SerializationError,
+        StoreError,
+        StoreUnavailable,
+        TaskCancelled,
+        TaskFailed,
+        TaskNotFound,
+        UnknownTask,
+        ValidationError,
+    )
+    from broker_q.settings import Settings
 
 __all__ = [
     "App",
@@ -44,3 +50,22 @@ __all__ = [
     "UnknownTask",
     "ValidationError",
 ]
+
+# Importing the package imports nothing else: ``import broker_q.domain`` must not pull in the store,
+# the broker client or pydantic, so the names below are loaded on first use.
+_WHERE = {
+    "App": "broker_q.app",
+    "TaskDefinition": "broker_q.app",
+    "TaskHandle": "broker_q.app",
+    "TaskState": "broker_q.domain.task",
+    "TaskStatus": "broker_q.domain.task",
+    "Settings": "broker_q.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'broker_q' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE.get(name, "broker_q.errors")), name)
+    globals()[name] = value
+    return value

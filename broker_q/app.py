@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from broker_q.codec import dumps
+import pydantic
+
+from broker_q.codec import check_json
 from broker_q.domain.events import Event, TaskSubmitted
 from broker_q.domain.task import TaskState, TaskStatus, replay, submit, task_id_for
 from broker_q.errors import (
@@ -48,21 +50,43 @@ def utcnow() -> datetime:
 class App:
     """Registers task handlers and submits, reads and waits for tasks.
 
-    ``App()`` reads ``BROKER_Q_*`` environment variables; keyword arguments override them
-    (``App(store="memory://")``), or pass a complete :class:`Settings`.
+    Settings come from ``BROKER_Q_*`` environment variables, overridden by keyword arguments
+    (``App(store="memory://")``), or from a complete :class:`Settings`. They are read on first use,
+    not when the App is made, so a module that defines ``app = App()`` reads nothing at import and
+    the command line can still override them (:meth:`configure`).
     """
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        if settings is None:
-            settings = Settings(**overrides)
-        elif overrides:
-            settings = settings.model_copy(update=overrides)
-        self.settings = settings
+        self._settings = settings
+        self._overrides = overrides
+        if settings is not None and overrides:
+            self._settings = self._build()
         self.actor = f"client:{socket.gethostname()}:{os.getpid()}"
         self._tasks: dict[str, TaskDefinition[Any, Any]] = {}
         self._store: EventStore | None = None
         self._store_lock = threading.Lock()
         self._writers: dict[asyncio.AbstractEventLoop, GroupCommitWriter] = {}
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = self._build()
+        return self._settings
+
+    def configure(self, **overrides: Any) -> None:
+        """Override settings before the App is used (the command line's ``--store``, ``--amqp-url``)."""
+        if self._store is not None:
+            raise ConfigurationError("the App is in use already: configure it before its first use")
+        self._overrides = {**self._overrides, **overrides}
+        self._settings = self._build()
+
+    def _build(self) -> Settings:
+        try:
+            if self._settings is None:
+                return Settings(**self._overrides)
+            return Settings(**{**self._settings.model_dump(), **self._overrides})
+        except pydantic.ValidationError as e:
+            raise ConfigurationError(f"invalid settings: {e}") from e
 
     # -- registry -----------------------------------------------------------------------------
 
@@ -89,11 +113,8 @@ class App:
         """
 
         def register(fn: Callable[P, R]) -> TaskDefinition[P, R]:
-            definition = TaskDefinition(
-                self, fn, name=name or f"{fn.__module__}.{fn.__qualname__}",
-                queue=queue or self.settings.default_queue,
-                priority=self.settings.default_priority if priority is None else priority,
-            )
+            definition = TaskDefinition(self, fn, name=name or f"{fn.__module__}.{fn.__qualname__}", queue=queue,
+                                        priority=priority)
             if definition.name in self._tasks:
                 raise ConfigurationError(f"a task named {definition.name!r} is registered already")
             self._tasks[definition.name] = definition
@@ -192,7 +213,8 @@ class App:
         args_list, kwargs_dict = list(args), dict(kwargs or {})
         if definition is not None:
             definition.check_arguments(args_list, kwargs_dict)
-        dumps([args_list, kwargs_dict])  # refuses what is not JSON now, not in the worker later
+        check_json(args_list, "args")  # refused here, not in the worker later
+        check_json(kwargs_dict, "kwargs")
         tenant = tenant or self.settings.tenant
         task_id = task_id_for(tenant, idempotency_key)
         return submit(
@@ -232,15 +254,23 @@ class App:
 class TaskDefinition(Generic[P, R]):
     """A registered handler. Calling it runs the function here; ``delay``/``submit`` record a task."""
 
-    def __init__(self, app: App, fn: Callable[P, R], *, name: str, queue: str, priority: int) -> None:
+    def __init__(self, app: App, fn: Callable[P, R], *, name: str, queue: str | None, priority: int | None) -> None:
         self.app = app
         self.fn = fn
         self.name = name
-        self.queue = queue
-        self.priority = priority
+        self._queue = queue
+        self._priority = priority
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)
+
+    @property
+    def queue(self) -> str:
+        return self._queue or self.app.settings.default_queue
+
+    @property
+    def priority(self) -> int:
+        return self.app.settings.default_priority if self._priority is None else self._priority
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)

@@ -102,7 +102,7 @@ def _app(options: argparse.Namespace, app: App | None = None) -> App:
     if app is None:
         return App(**overrides)
     if overrides:
-        app.settings = app.settings.model_copy(update=overrides)
+        app.configure(**overrides)
     return app
 
 

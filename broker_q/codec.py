@@ -19,12 +19,39 @@ import pydantic_core
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
-__all__ = ["decode_event", "dumps", "encode_event", "loads"]
+__all__ = ["check_json", "decode_event", "dumps", "encode_event", "loads"]
 
 _SKIP = frozenset({"stream_id", "version"})
 _FIELDS: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _SKIP) for cls in TOPICS.values()
 }
+
+
+def check_json(value: Any, where: str = "value") -> None:
+    """Refuse anything that would not come back from JSON as it went in.
+
+    Arguments and results travel and are stored as JSON, so a ``datetime``, a ``set``, bytes, a
+    non-finite float or a dict with non-string keys must be refused where it is given, not turned
+    silently into something else that the handler then receives. (Tuples are accepted and arrive
+    as lists, as in every JSON task queue.)
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SerializationError(f"{where} is {value}, which JSON cannot hold")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_json(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SerializationError(f"{where} has the key {key!r}; JSON keys are strings")
+            check_json(item, f"{where}[{key!r}]")
+        return
+    raise SerializationError(f"{where} is a {type(value).__name__}, which is not JSON: {value!r:.80}")
 
 
 def dumps(value: Any) -> bytes:

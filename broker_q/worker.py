@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
-from broker_q.codec import dumps
+from broker_q.codec import check_json
 from broker_q.domain.events import IngressRejected, TaskEvent
 from broker_q.domain.task import (
     TaskStatus,
@@ -225,7 +225,7 @@ class Worker:
         except Exception as e:
             return self._failed(work, version, e)
         try:
-            dumps(result)
+            check_json(result, "the result")
         except SerializationError as e:
             return self._failed(work, version, e, "the result cannot be recorded: ")
         return succeeded_event(work.id, version, work.tenant, self.id, work.correlation_id, result, _now())
@@ -256,12 +256,15 @@ class Worker:
         limit = self.app.settings.max_message_bytes
         if len(message.body) > limit:
             raise ValidationError(f"message of {len(message.body)} bytes is over the limit of {limit} bytes")
-        if message.content_type not in (None, "", ENVELOPE_CONTENT_TYPE):
+        media_type = (message.content_type or "").partition(";")[0].strip().lower()
+        if media_type not in ("", ENVELOPE_CONTENT_TYPE):
             raise ValidationError(f"content type {message.content_type!r} is not {ENVELOPE_CONTENT_TYPE}")
         try:
             envelope = TaskEnvelope.model_validate_json(message.body)
         except pydantic.ValidationError as e:
             raise ValidationError(f"invalid task envelope: {_summary(e)}") from e
+        check_json(envelope.args, "args")  # refuses NaN and Infinity, which the parser lets through
+        check_json(envelope.kwargs, "kwargs")
         definition = self.app.tasks.get(envelope.task)
         if definition is None:
             raise ValidationError(f"unknown task {envelope.task!r} for queue {queue!r}")

@@ -6,7 +6,7 @@ tests that need it with a clear message: it never skips them.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -91,15 +91,11 @@ async def amqp_cleanup(amqp_url: str, namespace: str) -> AsyncIterator[list[str]
         for queue in [*extra, f"{namespace}.invalid", f"{namespace}.ingress.unrouted",
                       f"{namespace}.work.default", f"{namespace}.ingress.default"]:
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(Exception):  # the queue may not exist; the channel closes on that
                 await channel.queue_delete(queue)
-            except Exception:  # the queue may not exist; the channel closes on that
-                pass
         for exchange in ("ingress", "ingress.unrouted", "work", "events"):
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(Exception):
                 await channel.exchange_delete(f"{namespace}.{exchange}")
-            except Exception:
-                pass
     finally:
         await connection.close()

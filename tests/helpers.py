@@ -14,7 +14,10 @@ from broker_q.worker import Worker
 
 
 async def wait_for(
-    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str = "condition",
 ) -> None:
     """Wait until ``predicate()`` is true (awaiting it if it returns an awaitable), or fail."""
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ Lifecycle (states are lowercase words)::
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -51,6 +52,7 @@ __all__ = [
 MAX_PRIORITY = 9
 """Priorities run from 0 (lowest) to ``MAX_PRIORITY`` (highest)."""
 
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 _IDEMPOTENCY_NS = uuid.UUID("0b9f4c1e-2a7d-5e8b-9c3f-7d6e5a4b3c21")
 
 
@@ -58,7 +60,7 @@ def task_id_for(tenant: str, idempotency_key: str | None) -> uuid.UUID:
     """The id of a new task: derived from the key when there is one, so a resend names the same task."""
     if idempotency_key is None:
         return uuid.uuid4()
-    return uuid.uuid5(_IDEMPOTENCY_NS, f"{tenant}\x00{idempotency_key}")
+    return uuid.uuid5(_IDEMPOTENCY_NS, f"{len(tenant)}:{tenant}:{idempotency_key}")
 
 
 class TaskStatus(StrEnum):
@@ -123,6 +125,8 @@ def submit(
         raise DomainError("a task needs a name")
     if not queue:
         raise DomainError("a task needs a queue")
+    if not _TENANT.fullmatch(tenant):
+        raise DomainError(f"tenant {tenant!r} is not a tenant name (lowercase letters, digits, '_' and '-')")
     if not 0 <= priority <= MAX_PRIORITY:
         raise DomainError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
     return TaskSubmitted(

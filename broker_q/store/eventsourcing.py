@@ -164,6 +164,8 @@ class RecorderEventStore:
         return [decode_event(_as_uuid(s.originator_id), s.originator_version, s.topic, s.state) for s in stored]
 
     def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:
+        if limit <= 0:
+            return []
         with _translated():
             notifications = self._recorder.select_notifications(
                 start=after, limit=limit, stop=to_position, inclusive_of_start=False

@@ -90,11 +90,12 @@ async def test_failures_are_recorded_and_the_worker_keeps_going(
         async_thread = await where_async.submit()
         with pytest.raises(TaskFailed) as failed:
             await failing.result(timeout=10)
-        assert failed.value.error_type == "ValueError" and "bad input" in failed.value.message
+        assert failed.value.error_type == "ValueError"
+        assert "bad input" in failed.value.message
         assert "raise ValueError" in (failed.value.traceback or "")
         with pytest.raises(TaskFailed, match="the result cannot be recorded"):
             await bad_result.result(timeout=10)
-        with pytest.raises(TaskFailed, match="no handler is registered for task 'nobody.handles.this'"):
+        with pytest.raises(TaskFailed, match=r"no handler is registered for task 'nobody\.handles\.this'"):
             await unknown.result(timeout=10)
         assert (await sync_thread.result(timeout=10)).startswith("broker_q-handler")
         assert await async_thread.result(timeout=10) == "MainThread"
@@ -210,7 +211,8 @@ async def test_a_task_submitted_while_rabbitmq_is_unreachable_runs_later(
     processes.append(broker_q(process_env, "run", "tests.integration.apps:app"))
     assert await app.handle(task_id).result(timeout=30) == 3
     status = cli(process_env, "status", str(task_id), "--json")
-    assert '"state": "succeeded"' in status.stdout and '"result": 3' in status.stdout
+    assert '"state": "succeeded"' in status.stdout
+    assert '"result": 3' in status.stdout
 
 
 async def test_a_worker_killed_mid_task_is_taken_over_by_another(
@@ -228,7 +230,8 @@ async def test_a_worker_killed_mid_task_is_taken_over_by_another(
     first.wait(10)
     processes.append(broker_q(process_env, "worker", "tests.integration.apps:app"))
     result = await handle.result(timeout=60)
-    assert result.startswith("done by") and result != f"done by {marker.read_text()}"
+    assert result.startswith("done by")
+    assert result != f"done by {marker.read_text()}"
     history = app.history(handle.id)
     assert [e.TYPE for e in history] == ["submitted", "started", "started", "succeeded"]
     assert [getattr(e, "attempt", None) for e in history[1:3]] == [1, 2]
@@ -247,7 +250,8 @@ async def test_sigterm_lets_the_running_task_finish(
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait, 30) == 0
     state = app.get_task(handle.id)
-    assert state.status is TaskStatus.SUCCEEDED and state.attempts == 1
+    assert state.status is TaskStatus.SUCCEEDED
+    assert state.attempts == 1
 
 
 def test_cli_errors_are_one_line(process_env: dict[str, str]) -> None:
@@ -261,16 +265,19 @@ def test_cli_errors_are_one_line(process_env: dict[str, str]) -> None:
     ):
         result = cli(process_env, *args)
         assert result.returncode != 0, args
-        assert result.stderr.count("\n") == 1 and needle in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1, (args, result.stderr)
+        assert needle in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
 
 
 def test_history_lists_every_event(process_env: dict[str, str]) -> None:
     task_id = cli(process_env, "submit", "add", "--args", "[1,2]", "--priority", "7").stdout.strip()
     out = cli(process_env, "history", task_id).stdout
-    assert "submitted" in out and "client:" in out
+    assert "submitted" in out
+    assert "client:" in out
     as_json = cli(process_env, "history", task_id, "--json").stdout
-    assert '"type": "submitted"' in as_json and '"priority": 7' in as_json
+    assert '"type": "submitted"' in as_json
+    assert '"priority": 7' in as_json
 
 
 async def test_the_relay_wakes_on_commit_instead_of_polling(
@@ -289,7 +296,8 @@ async def test_the_relay_wakes_on_commit_instead_of_polling(
         for _ in range(3):
             handle = await asyncio.to_thread(app.submit, "t")
             position = app.store.max_position()
-            await wait_for(lambda: relay.position >= position, timeout=5, what=f"the relay to publish {handle.id}")
+            await wait_for(lambda p=position: relay.position >= p, timeout=5,  # type: ignore[misc]
+                           what=f"the relay to publish {handle.id}")
     finally:
         stop.set()
         await relay_task

@@ -88,11 +88,6 @@ def test_arguments_that_are_not_json_are_refused(app: App, value: object) -> Non
     assert app.store.max_position() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker_q/codec.py:33 (dumps on pydantic_core.to_json): a datetime argument is accepted and "
-    "stored as a string, so the handler would receive a str instead of refusing it at submit",
-)
 def test_a_datetime_argument_is_refused_rather_than_changed(app: App) -> None:
     with pytest.raises(SerializationError):
         app.submit("anything", [datetime(2024, 1, 1, tzinfo=UTC)])
@@ -220,14 +215,33 @@ def test_settings_are_frozen_and_refuse_unknown_fields() -> None:
         Settings(no_such_setting=1)  # type: ignore[call-arg]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker_q/app.py:57 (App.__init__ builds Settings(**overrides) untranslated): a bad setting "
-    "raises pydantic.ValidationError, not ConfigurationError ('bad settings', broker_q/errors.py:8), so it "
-    "escapes `except BrokerQError`",
-)
 @pytest.mark.parametrize("overrides", [{"no_such_setting": 1}, {"default_priority": 10}, {"namespace": "a b"}],
                          ids=["unknown", "out-of-range", "bad-pattern"])
 def test_a_bad_setting_is_a_configuration_error(overrides: dict[str, object]) -> None:
+    app = App(store="memory://", **overrides)  # settings are read on first use, not at import
     with pytest.raises(ConfigurationError):
-        App(store="memory://", **overrides)
+        app.settings  # noqa: B018
+
+
+def test_settings_are_read_on_first_use_and_the_command_line_can_override_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = App()
+    monkeypatch.setenv("BROKER_Q_STORE", "memory://")
+    monkeypatch.setenv("BROKER_Q_DEFAULT_QUEUE", "from-env")
+
+    @app.task(name="t")
+    def t() -> None: ...
+
+    assert t.queue == "from-env"
+    app.configure(tenant="acme")
+    assert app.settings.store == "memory://"
+    assert app.settings.tenant == "acme"
+    app.store.max_position()
+    with pytest.raises(ConfigurationError, match="in use already"):
+        app.configure(store="memory://")
+
+
+def test_a_tenant_that_is_not_a_tenant_name_is_refused(app: App) -> None:
+    with pytest.raises(DomainError, match="is not a tenant name"):
+        app.submit("anything", tenant="Not A Tenant")

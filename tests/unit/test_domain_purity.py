@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import broker_q
 
 FORBIDDEN = (
@@ -62,11 +60,5 @@ def test_the_domain_modules_import_no_infrastructure() -> None:
     assert _imported_forbidden(_WITHOUT_PACKAGE_ROOT) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker_q/__init__.py:7: the package root imports broker_q.app eagerly (and with it "
-    "broker_q.store.eventsourcing -> eventsourcing.persistence, broker_q.codec -> pydantic_core), so "
-    "`import broker_q.domain` cannot be done without loading the infrastructure",
-)
 def test_importing_the_domain_imports_no_infrastructure() -> None:
     assert _imported_forbidden("") == []
