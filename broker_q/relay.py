@@ -150,7 +150,7 @@ class Relay:
             event = record.event
             batches.setdefault(event_routing_key(event), []).append(_EVENT_JSON % (
                 record.position, str(event.stream_id).encode(), event.version, event.TOPIC.encode(),
-                encode_event(event),
+                record.data or encode_event(event),
             ))
             if isinstance(event, TaskSubmitted):
                 if event.queue not in self._declared:

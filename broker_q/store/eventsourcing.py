@@ -171,7 +171,7 @@ class RecorderEventStore:
                 start=after, limit=limit, stop=to_position, inclusive_of_start=False
             )
         return [
-            Recorded(n.id, decode_event(_as_uuid(n.originator_id), n.originator_version, n.topic, n.state))
+            Recorded(n.id, decode_event(_as_uuid(n.originator_id), n.originator_version, n.topic, n.state), n.state)
             for n in notifications
         ]
 

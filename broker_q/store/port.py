@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker_q.domain.events import Event
@@ -25,10 +25,12 @@ __all__ = ["AppendResult", "EventStore", "Recorded"]
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """An event with its position in the store's log."""
+    """An event with its position in the store's log, and its stored JSON (``broker_q.codec``)."""
 
     position: int
     event: Event
+    data: bytes = field(default=b"", compare=False, repr=False)
+    """The event's fields as stored, so that a reader that forwards them need not encode them again."""
 
 
 AppendResult = list[int] | Exception
