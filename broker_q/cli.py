@@ -216,7 +216,7 @@ def _relay(options: argparse.Namespace) -> int:
 def _relay_for(app: App) -> Relay:
     settings = app.settings
     return Relay(app.store, settings.amqp_url, Topology(settings.namespace), page_size=settings.relay_page_size,
-                 poll_interval=settings.relay_poll_interval, watch=settings.store)
+                 poll_interval=settings.relay_poll_interval, store_url=settings.store)
 
 
 def _worker_for(app: App, options: argparse.Namespace) -> Worker:

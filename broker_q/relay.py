@@ -16,8 +16,10 @@ meanwhile, so submitting never depends on the broker being up.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -28,6 +30,7 @@ from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import Topology
 from broker_q.codec import dumps, encode_event
 from broker_q.domain.events import Event, TaskSubmitted
+from broker_q.store.lease import hold_lease
 from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
 from broker_q.wire import WORK_MESSAGE_TYPE
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 EVENTS_MESSAGE_TYPE = "broker_q.events.v1"
+_MAX_PAGES_IN_FLIGHT = 8
+_RECORD_EVERY = 0.1
+"""Seconds between records of the position while pages are in flight (a crash republishes at most that)."""
 _SETTLE = (0.001, 0.002, 0.004, 0.008, 0.016)
 _EVENT_JSON = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}'
 
@@ -67,7 +73,7 @@ class Relay:
         page_size: int = 500,
         poll_interval: float = 0.1,
         max_backoff: float = 5.0,
-        watch: str | None = None,
+        store_url: str | None = None,
     ) -> None:
         self._store = store
         self._amqp_url = amqp_url
@@ -76,23 +82,47 @@ class Relay:
         self._page_size = page_size
         self._poll_interval = poll_interval
         self._max_backoff = max_backoff
-        self._watch = watch
+        self._store_url = store_url
         self._declared: set[str] = set()
         self.wakeup = asyncio.Event()
         """Set it to make an idle relay look at the store at once (an in-process hint; polling is the guarantee)."""
         self.position = 0
         """The position up to which every event is published and confirmed."""
+        self.active = asyncio.Event()
+        """Set while this relay holds the store's lease and publishes."""
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Relay until ``stop`` is set, reconnecting to RabbitMQ and the store as often as needed."""
-        watcher = asyncio.create_task(watch_changes(self._watch, self.wakeup)) if self._watch else None
-        try:
+        """Relay until ``stop`` is set, reconnecting to RabbitMQ and the store as often as needed.
+
+        Given the ``store_url``, the relay first takes the store's lease (a standby waits) and reads
+        whenever the store signals a change; without it, it only polls.
+        """
+        if self._store_url is None:
             await self._run(stop)
+            return
+        relaying = asyncio.create_task(self._run_leased(stop, self._store_url))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({relaying, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not relaying.done() and not self.active.is_set():
+                relaying.cancel()  # a standby that never got the lease: nothing to finish
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
         finally:
-            if watcher is not None:
+            stopping.cancel()
+
+    async def _run_leased(self, stop: asyncio.Event, store_url: str) -> None:
+        async with hold_lease(store_url, self._name):
+            self.active.set()
+            log.info("relay %s holds the lease", self._name)
+            watcher = asyncio.create_task(watch_changes(store_url, self.wakeup))
+            try:
+                await self._run(stop)
+            finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                self.active.clear()
 
     async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
@@ -110,30 +140,64 @@ class Relay:
 
     async def _run_connected(self, stop: asyncio.Event) -> None:
         connection = await connect(self._amqp_url, name=f"broker_q relay {self._name}")
+        in_flight: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         try:
             channel = await connection.channel(publisher_confirms=True)
             exchanges = await self._topology.declare_exchanges(channel)
             self._declared.clear()
             self.position = await asyncio.to_thread(self._store.get_position, self._name)
             log.info("relay %s publishing from position %d", self._name, self.position)
+            read_position = recorded_position = self.position
+            recorded_at = time.monotonic()
             settle = len(_SETTLE)
             while not stop.is_set():
-                self.wakeup.clear()  # before reading: a commit after the read sets it again
-                records = await asyncio.to_thread(self._store.read_log, self.position, self._page_size)
-                if not records:
-                    # A wake-up can come before the commit that caused it is visible (SQLite writes
-                    # the WAL before it commits), so after one, look again a few times quickly.
-                    delay = _SETTLE[settle] if settle < len(_SETTLE) else self._poll_interval
-                    settle += 1
-                    await _wait(stop, delay, self.wakeup)
-                    if self.wakeup.is_set():
-                        settle = 0
+                # Pages are published without waiting for the confirms of the pages before them
+                # (RabbitMQ may take a few hundred ms to confirm persistent messages): up to
+                # _MAX_PAGES_IN_FLIGHT. ``position`` advances, in order, only past confirmed pages.
+                while in_flight and in_flight[0][1].done():
+                    confirmed, page = in_flight.popleft()
+                    page.result()  # a failed publish ends this connection; the outer loop retries
+                    self.position = confirmed
+                if self.position > recorded_position and (
+                    not in_flight or time.monotonic() - recorded_at > _RECORD_EVERY
+                ):
+                    await asyncio.to_thread(self._store.set_position, self._name, self.position)
+                    recorded_position, recorded_at = self.position, time.monotonic()
+                if len(in_flight) >= _MAX_PAGES_IN_FLIGHT:
+                    await asyncio.wait([in_flight[0][1]])
                     continue
-                settle = 0
-                await self._publish(channel, exchanges, records)
-                self.position = records[-1].position
+                self.wakeup.clear()  # before reading: a commit after the read sets it again
+                records = await asyncio.to_thread(self._store.read_log, read_position, self._page_size)
+                if records:
+                    settle = 0
+                    page = asyncio.ensure_future(self._publish(channel, exchanges, records))
+                    in_flight.append((records[-1].position, page))
+                    read_position = records[-1].position
+                    continue
+                if in_flight:
+                    woken: asyncio.Future[Any] = asyncio.ensure_future(self.wakeup.wait())
+                    waiting: list[asyncio.Future[Any]] = [in_flight[0][1], woken]
+                    try:
+                        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        woken.cancel()
+                    continue
+                # A wake-up can come before the commit that caused it is visible (SQLite writes
+                # the WAL before it commits), so after one, look again a few times quickly.
+                delay = _SETTLE[settle] if settle < len(_SETTLE) else self._poll_interval
+                settle += 1
+                await _wait(stop, delay, self.wakeup)
+                if self.wakeup.is_set():
+                    settle = 0
+            if in_flight:
+                await asyncio.gather(*(page for _, page in in_flight))
+                self.position = in_flight[-1][0]
+                in_flight.clear()
+            if self.position > recorded_position:
                 await asyncio.to_thread(self._store.set_position, self._name, self.position)
         finally:
+            for _, page in in_flight:
+                page.cancel()
             await connection.close()
 
     async def _publish(

@@ -42,7 +42,8 @@ async def running(
     worker = Worker(app, queues, **worker_options)
     tasks = [asyncio.create_task(worker.run(stop))]
     if relay:
-        component = Relay(app.store, app.settings.amqp_url, Topology(app.settings.namespace), watch=app.settings.store)
+        settings = app.settings
+        component = Relay(app.store, settings.amqp_url, Topology(settings.namespace), store_url=settings.store)
         tasks.append(asyncio.create_task(component.run(stop)))
     try:
         await wait_for(lambda: worker.ready.is_set() or any(t.done() for t in tasks), what="the worker to start")

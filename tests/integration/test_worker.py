@@ -288,7 +288,7 @@ async def test_the_relay_wakes_on_commit_instead_of_polling(
 
     app = _app(durable_store_url, amqp_url, namespace)
     stop = asyncio.Event()
-    relay = Relay(app.store, amqp_url, Topology(namespace), poll_interval=60, watch=durable_store_url)
+    relay = Relay(app.store, amqp_url, Topology(namespace), poll_interval=60, store_url=durable_store_url)
     relay_task = asyncio.create_task(relay.run(stop))
     try:
         await wait_for(lambda: relay.wakeup.is_set() or relay.position == 0, what="the relay to start")
