@@ -20,6 +20,7 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
 import logging
@@ -93,6 +94,8 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="broker_q-handler")
         self._writer: GroupCommitWriter | None = None
+        self._acks: dict[int, _Acks] = {}
+        """Per AMQP channel (delivery tags are numbered per channel, and restart on a new one)."""
         self._publish_channel: AbstractChannel | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -142,11 +145,16 @@ class Worker:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%s left %d task(s) unfinished; they will be redelivered", self.id, len(pending))
+        await asyncio.sleep(0)  # let the last completions schedule their acknowledgements
+        acks = [ack for channel_acks in self._acks.values() for ack in channel_acks.pending]
+        if acks:
+            await asyncio.wait(acks, timeout=5)
 
     def _spawn(self, handler: Any) -> Any:
         # aio-pika runs each delivery's callback in a task of its own; tracking that task is what
         # lets shutdown wait for the work in flight.
         async def on_message(message: AbstractIncomingMessage) -> None:
+            self._acks_of(message).delivered(message)
             task = asyncio.current_task()
             assert task is not None
             self._inflight.add(task)
@@ -156,6 +164,13 @@ class Worker:
                 self._inflight.discard(task)
 
         return on_message
+
+    def _acks_of(self, message: AbstractIncomingMessage) -> _Acks:
+        key = id(message.channel)
+        acks = self._acks.get(key)
+        if acks is None or acks.channel is not message.channel:
+            acks = self._acks[key] = _Acks(message.channel)
+        return acks
 
     # -- work -------------------------------------------------------------------------------
 
@@ -180,7 +195,7 @@ class Worker:
         except ConcurrencyConflict:
             taken = await self._take_over(work, message)
             if taken is None:
-                await message.ack()
+                self._acks_of(message).done(message)
                 return
             started = taken
         definition = self.app.tasks.get(work.task)
@@ -189,7 +204,7 @@ class Worker:
             await self._writer.append([outcome])
         except ConcurrencyConflict:
             log.info("task %s: outcome dropped, the task was decided elsewhere meanwhile", work.id)
-        await message.ack()
+        self._acks_of(message).done(message)
 
     async def _take_over(self, work: WorkMessage, message: AbstractIncomingMessage) -> Any:
         """The slow path after losing the race for ``started``: decide from the task's history."""
@@ -250,7 +265,7 @@ class Worker:
         except StoreUnavailable as e:
             log.warning("not acknowledging ingress message: %s", e)
             return
-        await message.ack()
+        self._acks_of(message).done(message)
 
     def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskEvent:
         limit = self.app.settings.max_message_bytes
@@ -306,7 +321,74 @@ class Worker:
         except StoreUnavailable as e:
             log.warning("refusal of a message not recorded: %s", e)
             return
-        await message.ack()
+        self._acks_of(message).done(message)
+
+
+class _Acks:
+    """Acknowledges the deliveries of one channel, a run of them with one ``multiple`` ack.
+
+    A group commit completes many messages in the same turn of the event loop; acking the longest
+    run of completed messages from the oldest unacked one costs one frame instead of one per
+    message. Completed messages behind one still running are acked one by one at once, so a long
+    task never holds finished messages (and the prefetch window) unacknowledged.
+    """
+
+    def __init__(self, channel: object) -> None:
+        self.channel = channel
+        self.pending: set[asyncio.Future[None]] = set()
+        """Acknowledgements written but not yet sent; shutdown waits for them."""
+        self._order: collections.deque[int] = collections.deque()
+        self._messages: dict[int, AbstractIncomingMessage] = {}
+        self._done: set[int] = set()
+        self._acked: set[int] = set()
+        self._flush_scheduled = False
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        tag = message.delivery_tag
+        assert tag is not None
+        self._order.append(tag)
+        self._messages[tag] = message
+
+    def done(self, message: AbstractIncomingMessage) -> None:
+        """``message`` may be acknowledged: its outcome is committed."""
+        assert message.delivery_tag is not None
+        self._done.add(message.delivery_tag)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        last: int | None = None
+        while self._order and (self._order[0] in self._done or self._order[0] in self._acked):
+            tag = self._order.popleft()
+            if tag in self._acked:
+                self._acked.discard(tag)
+                continue
+            self._done.discard(tag)
+            last = tag
+        if last is not None:
+            self._ack(last, multiple=True)
+            for tag in [t for t in self._messages if t <= last]:
+                del self._messages[tag]
+        for tag in self._done:
+            self._ack(tag, multiple=False)
+            self._acked.add(tag)
+            del self._messages[tag]
+        self._done.clear()
+
+    def _ack(self, tag: int, *, multiple: bool) -> None:
+        message = self._messages[tag]
+        ack = asyncio.ensure_future(message.ack(multiple=multiple))
+        self.pending.add(ack)
+        ack.add_done_callback(self.pending.discard)
+        ack.add_done_callback(_log_ack_failure)
+
+
+def _log_ack_failure(ack: asyncio.Future[None]) -> None:
+    if not ack.cancelled() and ack.exception() is not None:
+        # The channel is gone: its unacked messages are redelivered, and their outcome is in the store.
+        log.warning("acknowledgement lost: %s", ack.exception())
 
 
 def _summary(error: pydantic.ValidationError) -> str:
