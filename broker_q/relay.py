@@ -43,8 +43,7 @@ _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 EVENTS_MESSAGE_TYPE = "broker_q.events.v1"
 _MAX_PAGES_IN_FLIGHT = 8
 _RECORD_EVERY = 0.1
-"""Seconds between records of the position while pages are in flight (a crash republishes at most that)."""
-_SETTLE = (0.001, 0.002, 0.004, 0.008, 0.016)
+"""Seconds between records of the position (a crash republishes at most what was published since)."""
 _EVENT_JSON = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}'
 
 
@@ -149,7 +148,6 @@ class Relay:
             log.info("relay %s publishing from position %d", self._name, self.position)
             read_position = recorded_position = self.position
             recorded_at = time.monotonic()
-            settle = len(_SETTLE)
             while not stop.is_set():
                 # Pages are published without waiting for the confirms of the pages before them
                 # (RabbitMQ may take a few hundred ms to confirm persistent messages): up to
@@ -158,9 +156,10 @@ class Relay:
                     confirmed, page = in_flight.popleft()
                     page.result()  # a failed publish ends this connection; the outer loop retries
                     self.position = confirmed
-                if self.position > recorded_position and (
-                    not in_flight or time.monotonic() - recorded_at > _RECORD_EVERY
-                ):
+                # The position is recorded at most every _RECORD_EVERY seconds, never at once: a
+                # commit here would compete for SQLite's write lock with the worker's ``started``
+                # right when the task just published reaches it. A crash republishes the rest.
+                if self.position > recorded_position and time.monotonic() - recorded_at > _RECORD_EVERY:
                     await asyncio.to_thread(self._store.set_position, self._name, self.position)
                     recorded_position, recorded_at = self.position, time.monotonic()
                 if len(in_flight) >= _MAX_PAGES_IN_FLIGHT:
@@ -169,7 +168,6 @@ class Relay:
                 self.wakeup.clear()  # before reading: a commit after the read sets it again
                 records = await asyncio.to_thread(self._store.read_log, read_position, self._page_size)
                 if records:
-                    settle = 0
                     page = asyncio.ensure_future(self._publish(channel, exchanges, records))
                     in_flight.append((records[-1].position, page))
                     read_position = records[-1].position
@@ -182,13 +180,7 @@ class Relay:
                     finally:
                         woken.cancel()
                     continue
-                # A wake-up can come before the commit that caused it is visible (SQLite writes
-                # the WAL before it commits), so after one, look again a few times quickly.
-                delay = _SETTLE[settle] if settle < len(_SETTLE) else self._poll_interval
-                settle += 1
-                await _wait(stop, delay, self.wakeup)
-                if self.wakeup.is_set():
-                    settle = 0
+                await _wait(stop, self._poll_interval, self.wakeup)
             if in_flight:
                 await asyncio.gather(*(page for _, page in in_flight))
                 self.position = in_flight[-1][0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -86,7 +86,12 @@ def open_store(url: str) -> RecorderEventStore:
     with _translated():
         factory: InfrastructureFactory[Any] = InfrastructureFactory.construct(Environment(APP_NAME, env))
         recorder = factory.process_recorder()
-    return RecorderEventStore(factory, recorder)
+    on_commit = None
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        from broker_q.store.notify import CommitSignal
+
+        on_commit = CommitSignal(env["SQLITE_DBNAME"]).send
+    return RecorderEventStore(factory, recorder, on_commit)
 
 
 def _ensure_schema(env: dict[str, str]) -> None:
@@ -125,14 +130,22 @@ def _translated() -> Iterator[None]:
 class RecorderEventStore:
     """:class:`~broker_q.store.port.EventStore` on an ``eventsourcing`` process recorder."""
 
-    def __init__(self, factory: InfrastructureFactory[Any], recorder: ProcessRecorder) -> None:
+    def __init__(
+        self,
+        factory: InfrastructureFactory[Any],
+        recorder: ProcessRecorder,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self._factory = factory  # keeps the connection pool alive as long as the store
         self._recorder = recorder
+        self._on_commit = on_commit
 
     def append(self, events: Sequence[Event]) -> list[int]:
         stored = [StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events]
         with _translated():
             positions = self._recorder.insert_events(stored)
+        if self._on_commit is not None:
+            self._on_commit()
         return list(positions or ())
 
     def append_groups(self, groups: Sequence[Sequence[Event]]) -> list[AppendResult]:

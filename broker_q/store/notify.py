@@ -5,8 +5,11 @@ A follower (the relay, later the projections) reads the log after a wake-up and 
 would cost either latency or CPU: at 2 ms it burnt 15% of a core on an idle machine.
 
 - PostgreSQL: ``LISTEN`` on the channel that ``eventsourcing`` notifies on every insert.
-- SQLite (Linux): inotify on the database's directory; every commit writes the ``-wal`` file.
-  This covers every process on the host, which is where an embedded SQLite store lives.
+- SQLite (Linux): every broker_q process that commits to the file then writes one byte to the
+  signal file beside it (``<database>-commits``, see :class:`CommitSignal`), and followers watch
+  that file with inotify. (Watching the ``-wal`` file itself wakes followers before the commit is
+  visible: SQLite writes the WAL, then syncs, then publishes the commit in shared memory.) This
+  covers every process on the host, which is where an embedded SQLite store lives.
 - Anything else: no wake-up; the follower polls.
 """
 
@@ -23,15 +26,39 @@ from pathlib import Path
 
 from broker_q.store.eventsourcing import APP_NAME, store_environment
 
-__all__ = ["watch_changes"]
+__all__ = ["CommitSignal", "signal_path", "watch_changes"]
 
 log = logging.getLogger(__name__)
 
 _IN_MODIFY = 0x00000002
-_IN_CLOSE_WRITE = 0x00000008
-_IN_MOVED_TO = 0x00000080
 _IN_CREATE = 0x00000100
 _EVENT_HEADER = struct.Struct("iIII")
+
+
+def signal_path(database: str) -> str:
+    return f"{os.path.abspath(database)}-commits"
+
+
+class CommitSignal:
+    """Tells the followers of an SQLite store that a transaction has just committed."""
+
+    def __init__(self, database: str) -> None:
+        self._path = signal_path(database)
+        self._fd: int | None = None
+
+    def send(self) -> None:
+        # Best effort: the followers also poll, so a lost signal costs latency, never an event.
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.pwrite(self._fd, b"\0", 0)
+        except OSError as e:
+            log.debug("commit signal not sent: %s", e)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 async def watch_changes(store_url: str, wakeup: asyncio.Event) -> None:
@@ -56,10 +83,10 @@ async def _watch_sqlite(path: Path, wakeup: asyncio.Event) -> None:
     if fd < 0:
         log.info("no inotify (errno %d): the relay will poll", ctypes.get_errno())
         return
-    directory = Path(os.path.abspath(path)).parent  # noqa: ASYNC240 - no I/O, a path computation
-    names = {path.name.encode(), f"{path.name}-wal".encode()}
+    signal = Path(signal_path(str(path)))
+    directory, names = signal.parent, {signal.name.encode()}
     try:
-        mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
+        mask = _IN_MODIFY | _IN_CREATE
         if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
             log.info("cannot watch %s (errno %d): the relay will poll", directory, ctypes.get_errno())
             return
