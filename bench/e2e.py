@@ -55,7 +55,7 @@ async def raw_aio_pika(n: int) -> float:
         if received == n:
             done.set()
 
-    await queue.consume(on_message)
+    tag = await queue.consume(on_message)
     started = time.perf_counter()
     window = 500
     for i in range(0, n, window):
@@ -66,6 +66,7 @@ async def raw_aio_pika(n: int) -> float:
             for _ in range(min(window, n - i))))
     await done.wait()
     elapsed = time.perf_counter() - started
+    await queue.cancel(tag)
     await queue.delete(if_unused=False, if_empty=False)
     await connection.close()
     return elapsed
