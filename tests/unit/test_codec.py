@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_q.codec import check_json, decode_event, dumps, encode_event, loads
+from broker_q.codec import check_json, decode_event, dumps, encode_event, loads, parse_uuid
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
@@ -198,3 +198,18 @@ def test_check_json_refuses_a_value_that_json_would_change(value: Any) -> None:
 @pytest.mark.parametrize("value", [None, True, 1, 1.5, "s", [1, [2]], (1, 2), {"a": {"b": [None]}}])
 def test_check_json_accepts_json_values(value: Any) -> None:
     check_json(value)
+
+
+@given(st.uuids())
+def test_parse_uuid_is_uuid(value: uuid.UUID) -> None:
+    parsed = parse_uuid(str(value))
+    assert parsed == value
+    assert hash(parsed) == hash(value)
+    assert str(parsed) == str(value)
+    assert parsed.version == value.version
+
+
+def test_parse_uuid_refuses_what_is_not_a_uuid() -> None:
+    for text in ("not-a-uuid", "f" * 33):
+        with pytest.raises(ValueError):  # noqa: PT011 - int() and our own check both raise ValueError
+            parse_uuid(text)

@@ -1,0 +1,193 @@
+"""The database the views live in: beside the events (a file beside the SQLite store, or the
+PostgreSQL store's own schema).
+
+Views are plain tables beside the events. SQL is written once with ``?`` placeholders and the
+upsert syntax that SQLite (3.24+) and PostgreSQL share (``INSERT ... ON CONFLICT ... DO UPDATE``);
+:class:`ViewDatabase` adapts the placeholders. A ``memory://`` store keeps its views in an in-memory
+SQLite database of the process. Driver errors become :class:`~broker_q.errors.StoreUnavailable`
+(retry later) or :class:`~broker_q.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, Protocol
+
+from broker_q.errors import StoreError, StoreUnavailable
+from broker_q.store.eventsourcing import store_environment
+
+__all__ = ["Cursor", "ViewDatabase", "open_view_database", "views_path"]
+
+
+class Cursor(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def fetchone(self) -> Any: ...
+
+
+class ViewDatabase:
+    """Transactions on the views' database, one connection, serialised by a lock."""
+
+    def __init__(self, dialect: Literal["sqlite", "postgres"], connect: Any) -> None:
+        self.dialect = dialect
+        self._connect = connect
+        self._connection: Any = None
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Cursor]:
+        """A cursor in a transaction: committed on exit (rolled back if ``write`` is false, or on error).
+
+        A writing transaction on SQLite takes the write lock at once (``BEGIN IMMEDIATE``), so two
+        writers serialise at the start instead of failing at their first write.
+        """
+        with self._lock, _translated():
+            connection = self._connection_()
+            cursor = connection.cursor()
+            try:
+                if self.dialect == "sqlite":
+                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield _Adapted(cursor, self.dialect)
+            except BaseException:
+                connection.rollback()
+                raise
+            else:
+                if write:
+                    connection.commit()
+                else:
+                    connection.rollback()
+
+    def _connection_(self) -> Any:
+        if self._connection is None:
+            self._connection = self._connect()
+        return self._connection
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+class _Adapted:
+    """A DB-API cursor that takes ``?`` placeholders on either database."""
+
+    def __init__(self, cursor: Any, dialect: str) -> None:
+        self._cursor = cursor
+        self._convert = dialect == "postgres"
+
+    def _sql(self, sql: str) -> str:
+        return _PLACEHOLDER.sub("%s", sql) if self._convert else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cursor.execute(self._sql(sql), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        if rows:
+            return self._cursor.executemany(self._sql(sql), rows)
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursor.fetchall())
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+
+_PLACEHOLDER = re.compile(r"\?")
+_MEMORY_DATABASES: dict[str, sqlite3.Connection] = {}
+
+
+def views_path(events_path: str) -> str:
+    """The SQLite file of the views of the store in ``events_path``: ``x.sqlite`` -> ``x.views.sqlite``.
+
+    A file of their own, because SQLite has one writer per file: view batches in the events' file
+    would hold up every worker's appends while they commit (docs/decisions/0003).
+    """
+    stem, dot, suffix = events_path.rpartition(".")
+    return f"{stem}.views.{suffix}" if dot and "/" not in suffix else f"{events_path}.views"
+
+
+def open_view_database(store_url: str) -> ViewDatabase:
+    """The database of the views of the store at ``store_url`` (opened lazily, on first use)."""
+    env = store_environment(store_url)
+    module = env["PERSISTENCE_MODULE"]
+    if module == "eventsourcing.sqlite":
+        path = views_path(env["SQLITE_DBNAME"])
+
+        def connect_sqlite() -> sqlite3.Connection:
+            # Autocommit mode: every transaction is begun explicitly (see ViewDatabase.transaction).
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            return connection
+
+        return ViewDatabase("sqlite", connect_sqlite)
+    if module == "eventsourcing.postgres":
+
+        def connect_postgres() -> Any:
+            import psycopg
+
+            connection = psycopg.connect(
+                dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
+                user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"], connect_timeout=5,
+                options=f"-c search_path={env['POSTGRES_SCHEMA']}",
+            )
+            return connection
+
+        return ViewDatabase("postgres", connect_postgres)
+
+    def connect_memory() -> sqlite3.Connection:
+        # One in-memory database per store URL in this process, like the memory:// store itself.
+        connection = _MEMORY_DATABASES.get(store_url)
+        if connection is None:
+            connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            _MEMORY_DATABASES[store_url] = connection
+        return _Unclosable(connection)  # type: ignore[return-value]
+
+    return ViewDatabase("sqlite", connect_memory)
+
+
+class _Unclosable:
+    """An in-memory database lives as long as the process: closing a handle must not drop it."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def cursor(self) -> sqlite3.Cursor:
+        return self._connection.cursor()
+
+    def commit(self) -> None:
+        self._connection.commit()
+
+    def rollback(self) -> None:
+        self._connection.rollback()
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        raise StoreUnavailable(f"view database unavailable: {e}") from e
+    except sqlite3.Error as e:
+        raise StoreError(f"view database error: {e}") from e
+    except Exception as e:
+        if type(e).__module__.startswith("psycopg"):
+            import psycopg
+
+            if isinstance(e, psycopg.OperationalError):
+                raise StoreUnavailable(f"view database unavailable: {e}") from e
+            if isinstance(e, psycopg.Error):
+                raise StoreError(f"view database error: {e}") from e
+        raise

@@ -1,0 +1,203 @@
+"""The projection runner: applies the event log to the views, a batch per transaction.
+
+For each batch the runner reads the views' positions under the write lock, applies to each view
+the events past its position, and records the new positions, all in one transaction. So an event
+is applied to a view exactly once, a crash loses at most the batch in flight (rolled back), a
+restart resumes at the recorded position, and replaying from position 0 gives the same tables.
+
+A rebuild fills the next generation of a view's tables beside the live one, from position 0, while
+the live generation keeps answering queries; when the new generation has caught up, one transaction
+makes it the live one and drops the old tables.
+
+Positions (table ``bq_views``): ``generation`` and ``position`` of the live tables of each view,
+``building`` and ``building_position`` of a rebuild in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from broker_q.store.notify import watch_changes
+from broker_q.store.port import EventStore, Recorded
+from projections.database import Cursor, ViewDatabase
+from projections.views import VIEWS, View, table
+
+__all__ = ["ProjectionRunner", "ViewPosition"]
+
+log = logging.getLogger(__name__)
+
+REGISTRY = "bq_views"
+
+
+@dataclass(frozen=True)
+class ViewPosition:
+    name: str
+    generation: int
+    position: int
+    updated_at: float | None
+    event_time: float | None
+    """Timestamp of the last event applied (for the lag in seconds)."""
+    building: int | None = None
+    building_position: int | None = None
+
+
+class ProjectionRunner:
+    def __init__(
+        self,
+        store: EventStore,
+        database: ViewDatabase,
+        views: Sequence[View] | None = None,
+        *,
+        batch_size: int = 2000,
+    ) -> None:
+        self.store = store
+        self.database = database
+        self.views = list(views if views is not None else VIEWS.values())
+        self.batch_size = batch_size
+        self.wakeup = asyncio.Event()
+
+    # -- set-up and positions ------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Create the registry and the live tables of every view (idempotent)."""
+        real = "DOUBLE PRECISION" if self.database.dialect == "postgres" else "REAL"
+        with self.database.transaction() as cursor:
+            cursor.execute(f"""CREATE TABLE IF NOT EXISTS {REGISTRY} (
+                name TEXT PRIMARY KEY, generation INTEGER NOT NULL, position BIGINT NOT NULL,
+                updated_at {real}, event_time {real}, building INTEGER, building_position BIGINT)""")
+            for view in self.views:
+                cursor.execute(f"INSERT INTO {REGISTRY} (name, generation, position) VALUES (?, 1, 0) "
+                               "ON CONFLICT (name) DO NOTHING", (view.name,))
+                generation = self._positions(cursor)[view.name].generation
+                view.create(cursor, generation, self.database.dialect)
+
+    def positions(self) -> dict[str, ViewPosition]:
+        with self.database.transaction(write=False) as cursor:
+            return self._positions(cursor)
+
+    def _positions(self, cursor: Cursor, *, lock: bool = False) -> dict[str, ViewPosition]:
+        suffix = " FOR UPDATE" if lock and self.database.dialect == "postgres" else ""
+        cursor.execute(f"SELECT name, generation, position, updated_at, event_time, building, building_position "
+                       f"FROM {REGISTRY} ORDER BY name{suffix}")
+        return {row[0]: ViewPosition(*row) for row in cursor.fetchall()}
+
+    # -- following the log ----------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Apply the next batch to every view that needs it; return how many events were read."""
+        positions = self.positions()
+        start = min(positions[v.name].position for v in self.views)
+        batch = self.store.read_log(start, self.batch_size)
+        if not batch:
+            return 0
+        with self.database.transaction() as cursor:
+            positions = self._positions(cursor, lock=True)
+            for view in self.views:
+                self._apply(cursor, view, positions[view.name], batch)
+        return len(batch)
+
+    def _apply(self, cursor: Cursor, view: View, at: ViewPosition, batch: Sequence[Recorded]) -> None:
+        part = [r for r in batch if r.position > at.position]
+        if not part:
+            return
+        view.apply(cursor, at.generation, part)
+        cursor.execute(f"UPDATE {REGISTRY} SET position = ?, updated_at = ?, event_time = ? "
+                       f"WHERE name = ? AND generation = ?",
+                       (part[-1].position, time.time(), part[-1].event.timestamp.timestamp(), view.name,
+                        at.generation))
+
+    def catch_up(self, *, progress: Callable[[int], None] | None = None) -> int:
+        """Apply everything the log holds now; return how many events were read."""
+        total = 0
+        while n := self.step():
+            total += n
+            if progress is not None:
+                progress(total)
+        return total
+
+    async def run(self, stop: asyncio.Event, *, store_url: str | None = None, poll_interval: float = 0.5) -> None:
+        """Catch up, then follow the log until ``stop`` is set (woken by the store's change signal)."""
+        await asyncio.to_thread(self.setup)
+        watcher = asyncio.create_task(watch_changes(store_url, self.wakeup)) if store_url else None
+        try:
+            while not stop.is_set():
+                self.wakeup.clear()
+                if await asyncio.to_thread(self.step):
+                    continue
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wakeup.wait())]
+                try:
+                    await asyncio.wait(waiters, timeout=poll_interval, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    # -- rebuilding -----------------------------------------------------------------------------
+
+    def rebuild(self, name: str, *, progress: Callable[[int, int], None] | None = None) -> int:
+        """Rebuild view ``name`` beside the live one and swap it in; return the events applied.
+
+        ``progress(position, head)`` is called after each batch.
+        """
+        view = next((v for v in self.views if v.name == name), None)
+        if view is None:
+            raise KeyError(name)
+        with self.database.transaction() as cursor:
+            at = self._positions(cursor, lock=True)[name]
+            if at.building is not None:
+                self._drop(cursor, view, at.building)  # a rebuild that did not finish: start again
+            building = at.generation + 1
+            self._drop(cursor, view, building)
+            view.create(cursor, building, self.database.dialect)
+            cursor.execute(f"UPDATE {REGISTRY} SET building = ?, building_position = 0 WHERE name = ?",
+                           (building, name))
+        position, applied = 0, 0
+        while True:
+            batch = self.store.read_log(position, self.batch_size)
+            head = self.store.max_position()
+            near_head = len(batch) < self.batch_size
+            with self.database.transaction() as cursor:
+                if near_head:
+                    # The last batches and the swap happen under the views' write lock, so no event
+                    # can be applied to the old generation after the new one has taken its place.
+                    while batch:
+                        view.apply(cursor, building, batch)
+                        applied += len(batch)
+                        position = batch[-1].position
+                        batch = self.store.read_log(position, self.batch_size)
+                    self._swap(cursor, view, building, position)
+                    if progress is not None:
+                        progress(position, max(head, position))
+                    return applied
+                view.apply(cursor, building, batch)
+                applied += len(batch)
+                position = batch[-1].position
+                cursor.execute(f"UPDATE {REGISTRY} SET building_position = ? WHERE name = ?", (position, name))
+            if progress is not None:
+                progress(position, head)
+
+    def _swap(self, cursor: Cursor, view: View, building: int, position: int) -> None:
+        at = self._positions(cursor, lock=True)[view.name]
+        event_time = None
+        if position:
+            last = self.store.read_log(position - 1, 1)
+            event_time = last[0].event.timestamp.timestamp() if last else None
+        cursor.execute(f"UPDATE {REGISTRY} SET generation = ?, position = ?, updated_at = ?, event_time = ?, "
+                       f"building = NULL, building_position = NULL WHERE name = ?",
+                       (building, position, time.time(), event_time, view.name))
+        self._drop(cursor, view, at.generation)
+        log.info("view %s: generation %d replaced generation %d at position %d", view.name, building,
+                 at.generation, position)
+
+    def _drop(self, cursor: Cursor, view: View, generation: int) -> None:
+        for base in view.tables:
+            cursor.execute(f"DROP TABLE IF EXISTS {table(base, generation)}")

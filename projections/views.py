@@ -1,0 +1,256 @@
+"""The views: tables built only from events, a batch at a time.
+
+Each view owns a set of tables whose names carry a *generation* (``bq_tasks_g1``...): a rebuild
+fills the next generation beside the live one and swaps them when it has caught up (see
+:mod:`projections.runner`). ``apply`` is given one batch of events in log order and a cursor inside
+the transaction that also records the view's new position, so a batch is applied entirely or not
+at all, and never twice.
+
+- ``tasks``: one row per task (state, attempts, times, result or error), the counts of tasks per
+  tenant, queue and state, the outcome counters and the duration histograms that the metrics
+  expose. Dead letters are the rows of this table in the dead state, under an index of their own.
+- ``audit``: one row per event (time, tenant, actor, task, type, summary), indexed for each filter.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
+
+from broker_q.domain.events import (
+    IngressRejected,
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+from broker_q.store.port import Recorded
+from projections.database import Cursor
+
+__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "AuditView", "TasksView", "View", "table"]
+
+BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                              300.0, 1800.0)
+"""Upper bounds (seconds) of the duration histograms; one more bucket holds everything larger."""
+
+DEAD_STATES = ("failed",)
+"""States of tasks that will not run again by themselves and are kept as dead letters. Every failure
+is final until retries exist; then the dead state becomes ``dead_lettered``."""
+
+
+def table(base: str, generation: int) -> str:
+    return f"bq_{base}_g{generation}"
+
+
+class View(Protocol):
+    name: ClassVar[str]
+    tables: ClassVar[tuple[str, ...]]
+
+    def create(self, cursor: Cursor, generation: int, dialect: str) -> None: ...
+
+    def apply(self, cursor: Cursor, generation: int, batch: Sequence[Recorded]) -> None: ...
+
+
+_TASK_COLUMNS = ("task_id", "tenant", "queue", "task", "state", "priority", "attempts", "version", "worker",
+                 "correlation_id", "submitted_at", "ready_at", "started_at", "finished_at", "result", "error_type",
+                 "error", "traceback", "position")
+
+
+class TasksView:
+    """Tasks, queue counts, outcome counters and duration histograms."""
+
+    name: ClassVar[str] = "tasks"
+    tables: ClassVar[tuple[str, ...]] = ("tasks", "queue_counts", "outcomes", "durations")
+
+    def create(self, cursor: Cursor, generation: int, dialect: str) -> None:
+        real = "DOUBLE PRECISION" if dialect == "postgres" else "REAL"
+        tasks, counts = table("tasks", generation), table("queue_counts", generation)
+        outcomes, durations = table("outcomes", generation), table("durations", generation)
+        cursor.execute(f"""CREATE TABLE IF NOT EXISTS {tasks} (
+            task_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, queue TEXT NOT NULL, task TEXT NOT NULL,
+            state TEXT NOT NULL, priority INTEGER NOT NULL, attempts INTEGER NOT NULL, version INTEGER NOT NULL,
+            worker TEXT, correlation_id TEXT NOT NULL, submitted_at {real} NOT NULL, ready_at {real} NOT NULL,
+            started_at {real}, finished_at {real}, result TEXT, error_type TEXT, error TEXT, traceback TEXT,
+            position BIGINT NOT NULL)""")
+        cursor.execute(f"CREATE INDEX IF NOT EXISTS {tasks}_by_state ON {tasks} "
+                       "(tenant, queue, state, ready_at, task_id)")
+        dead = ", ".join(f"'{s}'" for s in DEAD_STATES)
+        cursor.execute(f"CREATE INDEX IF NOT EXISTS {tasks}_dead ON {tasks} (tenant, finished_at) "
+                       f"WHERE state IN ({dead})")
+        cursor.execute(f"""CREATE TABLE IF NOT EXISTS {counts} (
+            tenant TEXT NOT NULL, queue TEXT NOT NULL, state TEXT NOT NULL, count BIGINT NOT NULL,
+            PRIMARY KEY (tenant, queue, state))""")
+        cursor.execute(f"""CREATE TABLE IF NOT EXISTS {outcomes} (
+            tenant TEXT NOT NULL, queue TEXT NOT NULL, task TEXT NOT NULL, outcome TEXT NOT NULL,
+            count BIGINT NOT NULL, PRIMARY KEY (tenant, queue, task, outcome))""")
+        cursor.execute(f"""CREATE TABLE IF NOT EXISTS {durations} (
+            metric TEXT NOT NULL, tenant TEXT NOT NULL, queue TEXT NOT NULL, bucket INTEGER NOT NULL,
+            count BIGINT NOT NULL, total {real} NOT NULL, PRIMARY KEY (metric, tenant, queue, bucket))""")
+
+    def apply(self, cursor: Cursor, generation: int, batch: Sequence[Recorded]) -> None:
+        tasks_table = table("tasks", generation)
+        rows = self._load(cursor, tasks_table, batch)
+        counts: Counter[tuple[str, str, str]] = Counter()
+        outcomes: Counter[tuple[str, str, str, str]] = Counter()
+        durations: dict[tuple[str, str, str, int], list[float]] = {}
+        changed: dict[str, dict[str, Any]] = {}
+        for record in batch:
+            event = record.event
+            if not isinstance(event, TaskEvent):
+                continue
+            task_id = event.stream_id.hex
+            ts = event.timestamp.timestamp()
+            if isinstance(event, TaskSubmitted):
+                if task_id in rows:
+                    continue  # cannot happen in a valid log; never count a task twice
+                row: dict[str, Any] = {
+                    "task_id": task_id, "tenant": event.tenant, "queue": event.queue, "task": event.task,
+                    "state": "ready", "priority": event.priority, "attempts": 0, "version": event.version,
+                    "worker": None, "correlation_id": str(event.correlation_id), "submitted_at": ts, "ready_at": ts,
+                    "started_at": None, "finished_at": None, "result": None, "error_type": None, "error": None,
+                    "traceback": None, "position": record.position,
+                }
+                rows[task_id] = changed[task_id] = row
+                counts[(event.tenant, event.queue, "ready")] += 1
+                continue
+            found = rows.get(task_id)
+            if found is None or event.version <= found["version"]:
+                continue  # an event of a task this view never saw submitted, or already applied
+            row = found
+            old: str = row["state"]
+            key: tuple[str, str] = (row["tenant"], row["queue"])
+            if isinstance(event, TaskStarted):
+                row.update(state="started", attempts=event.attempt, worker=event.worker, started_at=ts)
+                _observe(durations, "queue_wait", key, ts - row["ready_at"])
+            elif isinstance(event, TaskSucceeded):
+                row.update(state="succeeded", finished_at=ts, result=json.dumps(event.result))
+                _observe(durations, "run", key, ts - (row["started_at"] or ts))
+                outcomes[(*key, row["task"], "succeeded")] += 1
+            elif isinstance(event, TaskFailed):
+                row.update(state="failed", finished_at=ts, error_type=event.error_type, error=event.message,
+                           traceback=event.traceback)
+                _observe(durations, "run", key, ts - (row["started_at"] or ts))
+                outcomes[(*key, row["task"], "failed")] += 1
+            elif isinstance(event, TaskCancelled):
+                row.update(state="cancelled", finished_at=ts, error_type="Cancelled", error=event.reason)
+                outcomes[(*key, row["task"], "cancelled")] += 1
+            row.update(version=event.version, position=record.position)
+            changed[task_id] = row
+            if row["state"] != old:
+                counts[(*key, old)] -= 1
+                counts[(*key, row["state"])] += 1
+        self._write(cursor, generation, changed, counts, outcomes, durations)
+
+    def _load(self, cursor: Cursor, tasks_table: str, batch: Sequence[Recorded]) -> dict[str, dict[str, Any]]:
+        """The rows of the tasks of ``batch`` that were submitted before it."""
+        submitted = {r.event.stream_id.hex for r in batch if isinstance(r.event, TaskSubmitted)}
+        wanted = sorted({r.event.stream_id.hex for r in batch if isinstance(r.event, TaskEvent)} - submitted)
+        rows: dict[str, dict[str, Any]] = {}
+        columns = ", ".join(_TASK_COLUMNS)
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            cursor.execute(f"SELECT {columns} FROM {tasks_table} WHERE task_id IN ({', '.join('?' * len(chunk))})",
+                           chunk)
+            for values in cursor.fetchall():
+                row = dict(zip(_TASK_COLUMNS, values, strict=True))
+                rows[row["task_id"]] = row
+        return rows
+
+    def _write(
+        self,
+        cursor: Cursor,
+        generation: int,
+        changed: dict[str, dict[str, Any]],
+        counts: Counter[tuple[str, str, str]],
+        outcomes: Counter[tuple[str, str, str, str]],
+        durations: dict[tuple[str, str, str, int], list[float]],
+    ) -> None:
+        columns = ", ".join(_TASK_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _TASK_COLUMNS[1:])
+        cursor.executemany(
+            f"INSERT INTO {table('tasks', generation)} ({columns}) VALUES ({', '.join('?' * len(_TASK_COLUMNS))}) "
+            f"ON CONFLICT (task_id) DO UPDATE SET {updates}",
+            [tuple(row[c] for c in _TASK_COLUMNS) for row in changed.values()],
+        )
+        counts_table = table("queue_counts", generation)
+        cursor.executemany(
+            f"INSERT INTO {counts_table} (tenant, queue, state, count) VALUES (?, ?, ?, ?) "
+            f"ON CONFLICT (tenant, queue, state) DO UPDATE SET count = {counts_table}.count + excluded.count",
+            [(*key, delta) for key, delta in sorted(counts.items()) if delta],
+        )
+        outcomes_table = table("outcomes", generation)
+        cursor.executemany(
+            f"INSERT INTO {outcomes_table} (tenant, queue, task, outcome, count) VALUES (?, ?, ?, ?, ?) "
+            f"ON CONFLICT (tenant, queue, task, outcome) DO UPDATE SET count = {outcomes_table}.count + excluded.count",
+            [(*key, n) for key, n in sorted(outcomes.items())],
+        )
+        durations_table = table("durations", generation)
+        cursor.executemany(
+            f"INSERT INTO {durations_table} (metric, tenant, queue, bucket, count, total) VALUES (?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (metric, tenant, queue, bucket) DO UPDATE SET "
+            f"count = {durations_table}.count + excluded.count, total = {durations_table}.total + excluded.total",
+            [(*key, int(n), total) for key, (n, total) in sorted(durations.items())],
+        )
+
+
+def _observe(durations: dict[tuple[str, str, str, int], list[float]], metric: str, key: tuple[str, str],
+             seconds: float) -> None:
+    seconds = max(seconds, 0.0)  # clocks of different hosts may disagree by a little
+    cell = durations.setdefault((metric, *key, bisect.bisect_left(BUCKETS, seconds)), [0.0, 0.0])
+    cell[0] += 1
+    cell[1] += seconds
+
+
+_AUDIT_COLUMNS = ("position", "time", "tenant", "actor", "stream_id", "task_id", "type", "summary")
+
+
+class AuditView:
+    """Every event as an audit record."""
+
+    name: ClassVar[str] = "audit"
+    tables: ClassVar[tuple[str, ...]] = ("audit",)
+
+    def create(self, cursor: Cursor, generation: int, dialect: str) -> None:
+        real = "DOUBLE PRECISION" if dialect == "postgres" else "REAL"
+        audit = table("audit", generation)
+        cursor.execute(f"""CREATE TABLE IF NOT EXISTS {audit} (
+            position BIGINT PRIMARY KEY, time {real} NOT NULL, tenant TEXT NOT NULL, actor TEXT NOT NULL,
+            stream_id TEXT NOT NULL, task_id TEXT, type TEXT NOT NULL, summary TEXT NOT NULL)""")
+        for name, columns in (("time", "time"), ("tenant", "tenant, time"), ("actor", "actor, time"),
+                              ("task", "task_id, position"), ("type", "type, time")):
+            cursor.execute(f"CREATE INDEX IF NOT EXISTS {audit}_by_{name} ON {audit} ({columns})")
+
+    def apply(self, cursor: Cursor, generation: int, batch: Sequence[Recorded]) -> None:
+        cursor.executemany(
+            f"INSERT INTO {table('audit', generation)} ({', '.join(_AUDIT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.position, r.event.timestamp.timestamp(), r.event.tenant, r.event.actor, r.event.stream_id.hex,
+              r.event.stream_id.hex if isinstance(r.event, TaskEvent) else None, r.event.TYPE, summary(r.event))
+             for r in batch],
+        )
+
+
+def summary(event: Any) -> str:
+    """One line that says what the event means, for people reading the audit log."""
+    match event:
+        case TaskSubmitted():
+            return f"submitted {event.task} to {event.queue} (priority {event.priority})"
+        case TaskStarted():
+            return f"attempt {event.attempt} started on {event.worker}"
+        case TaskSucceeded():
+            return "succeeded"
+        case TaskFailed():
+            return f"failed: {event.error_type}: {event.message}"[:500]
+        case TaskCancelled():
+            return f"cancelled: {event.reason}"[:500]
+        case IngressRejected():
+            return f"refused a message for queue {event.queue!r}: {event.reason}"[:500]
+    return str(event.TYPE)
+
+
+VIEWS: dict[str, View] = {view.name: view for view in (TasksView(), AuditView())}
+"""Every view, by name."""
