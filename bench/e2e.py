@@ -92,7 +92,7 @@ def start_worker(url: str, namespace: str, concurrency: int, mode: str) -> list[
     env = {**os.environ, "BROKER_Q_STORE": url, "BROKER_Q_NAMESPACE": namespace, "BROKER_Q_AMQP_URL": AMQP_URL,
            "PYTHONPATH": str(ROOT)}
     worker = ["bench.noop_app:app", "--concurrency", str(concurrency)]
-    commands = [["run", *worker]] if mode == "run" else [["worker", *worker], ["relay"]]
+    commands = [["run", *worker, "--no-projections"]] if mode == "run" else [["worker", *worker], ["relay"]]
     processes = [subprocess.Popen([sys.executable, "-m", "broker_q.cli", *command], env=env,
                                   stderr=subprocess.PIPE, stdout=subprocess.DEVNULL) for command in commands]
     wait_ready(processes[0])

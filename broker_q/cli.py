@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--concurrency", type=_positive_int, help="handlers running at once")
         sub.add_argument("--prefetch", type=_positive_int, help="messages held unacked (default 2 x concurrency)")
         sub.add_argument("-v", "--verbose", action="store_true")
+        if name == "run":
+            sub.add_argument("--no-projections", action="store_true", help="do not keep the views up to date here")
+            sub.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
 
     sub = command("relay", _relay, "publish recorded events and ready tasks to RabbitMQ")
     sub.add_argument("-v", "--verbose", action="store_true")
@@ -87,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("history", _history, "show every event of a task, in order")
     sub.add_argument("id")
     sub.add_argument("--json", action="store_true")
+
+    from projections.cli import add_commands
+    from projections.commands import add_view_commands
+
+    add_commands(commands)
+    add_view_commands(commands, _serve)
     return parser
 
 
@@ -202,7 +211,12 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        return [_relay_for(app).run(stop), _worker_for(app, options).run(stop)]
+        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop)]
+        if not options.no_projections:
+            from projections.commands import run_projections
+
+            parts.append(run_projections(app, stop, metrics_port=options.metrics_port))
+        return parts
 
     print(f"broker_q: store {app.settings.store}, queues {options.queues or ','.join(app.queues)}", file=sys.stderr)
     return _serve(options, components)

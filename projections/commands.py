@@ -1,0 +1,224 @@
+"""The command line of the views: ``projections run|status|rebuild``, ``queues``, ``tasks``, ``dlq``, ``audit``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from broker_q.app import App
+from projections.cli import parse_time
+from projections.database import open_view_database
+from projections.metrics import registry_for, serve_metrics
+from projections.queries import AuditQuery, audit, dead_letters, queues, status, tasks
+from projections.runner import ProjectionRunner
+from projections.views import VIEWS
+
+__all__ = ["add_view_commands", "run_projections"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_view_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    serve: Callable[[argparse.Namespace, Callable[[asyncio.Event], list[Any]]], int],
+) -> None:
+    """Register the view commands; ``serve`` runs long-lived components until SIGTERM (broker_q.cli)."""
+
+    def command(parent: Any, name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=fn)
+        return sub
+
+    group = subparsers.add_parser("projections", help="run, inspect and rebuild the views",
+                                  description="run, inspect and rebuild the views")
+    actions = group.add_subparsers(required=True, metavar="ACTION")
+    sub = command(actions, "run", lambda options: serve(options, lambda stop: [run_projections(
+        _app(options), stop, metrics_port=options.metrics_port, metrics_host=options.metrics_host)]),
+        "follow the event log and keep every view up to date")
+    sub.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    sub.add_argument("--metrics-host", default="127.0.0.1")
+    sub.add_argument("-v", "--verbose", action="store_true")
+    sub = command(actions, "status", _status, "each view's position, lag and last update")
+    sub.add_argument("--json", action="store_true")
+    sub = command(actions, "rebuild", _rebuild, "rebuild views from the event log, beside the live ones")
+    which = sub.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", choices=sorted(VIEWS), help="the view to rebuild")
+    which.add_argument("--all", action="store_true", help="rebuild every view")
+
+    sub = command(subparsers, "queues", _queues, "tasks in each state per tenant and queue")
+    sub.add_argument("--tenant")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command(subparsers, "tasks", _tasks, "the tasks of a queue in a state, oldest first")
+    sub.add_argument("--queue", required=True)
+    sub.add_argument("--state", required=True)
+    sub.add_argument("--tenant")
+    sub.add_argument("--limit", type=int, default=50)
+    sub.add_argument("--after", metavar="CURSOR", help="the `next` cursor of the previous page")
+    sub.add_argument("--json", action="store_true")
+
+    dlq = subparsers.add_parser("dlq", help="dead letters", description="dead letters")
+    dlq_actions = dlq.add_subparsers(required=True, metavar="ACTION")
+    sub = command(dlq_actions, "list", _dlq_list, "dead-lettered tasks, most recent first")
+    sub.add_argument("--tenant")
+    sub.add_argument("--limit", type=int, default=50)
+    sub.add_argument("--after", metavar="CURSOR")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command(subparsers, "audit", _audit, "the audit log, filtered")
+    for option in ("--tenant", "--actor", "--task"):
+        sub.add_argument(option)
+    sub.add_argument("--type", action="append", dest="types", metavar="TYPE")
+    sub.add_argument("--since", metavar="TIME")
+    sub.add_argument("--until", metavar="TIME")
+    sub.add_argument("--limit", type=int, default=1000)
+    sub.add_argument("--after", type=int, metavar="POSITION")
+    sub.add_argument("--format", choices=("table", "json"), default="table",
+                     help="json: one JSON object per line (JSON lines), for export")
+
+
+def _app(options: argparse.Namespace) -> App:
+    store = getattr(options, "store", None)
+    amqp_url = getattr(options, "amqp_url", None)
+    return App(**{k: v for k, v in (("store", store), ("amqp_url", amqp_url)) if v})
+
+
+async def run_projections(app: App, stop: asyncio.Event, *, metrics_port: int | None = None,
+                          metrics_host: str = "127.0.0.1") -> None:
+    """Keep every view up to date until ``stop`` is set; serve metrics if a port is given."""
+    store = await asyncio.to_thread(lambda: app.store)
+    database = open_view_database(app.settings.store)
+    runner = ProjectionRunner(store, database)
+    try:
+        if metrics_port is not None:
+            await asyncio.to_thread(runner.setup)
+            serve_metrics(registry_for(database, store), metrics_port, metrics_host)
+        await runner.run(stop, store_url=app.settings.store)
+    finally:
+        database.close()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _status(options: argparse.Namespace) -> int:
+    app = _app(options)
+    database = open_view_database(app.settings.store)
+    runner = ProjectionRunner(app.store, database)
+    runner.setup()
+    views = status(database, app.store)
+    if options.json:
+        _print_json([asdict(v) for v in views])
+        return 0
+    print(f"{'view':<8} {'gen':>4} {'position':>10} {'head':>10} {'lag':>8} {'lag s':>8}  updated")
+    for v in views:
+        print(f"{v.name:<8} {v.generation:>4} {v.position:>10} {v.head:>10} {v.lag_events:>8} "
+              f"{v.lag_seconds:>8.1f}  {v.updated_at or '-'}"
+              + (f"  (rebuilding: generation {v.rebuilding['generation']} at {v.rebuilding['position']})"
+                 if v.rebuilding else ""))
+    return 0
+
+
+def _rebuild(options: argparse.Namespace) -> int:
+    app = _app(options)
+    database = open_view_database(app.settings.store)
+    runner = ProjectionRunner(app.store, database)
+    runner.setup()
+    names = sorted(VIEWS) if options.all else [options.name]
+    for name in names:
+        started = time.monotonic()
+        bar = _ProgressBar(name)
+        applied = runner.rebuild(name, progress=bar.update)
+        bar.done()
+        elapsed = time.monotonic() - started
+        print(f"{name}: rebuilt from {applied:,} events in {elapsed:.1f}s "
+              f"({applied / elapsed if elapsed else 0:,.0f} events/s)")
+    return 0
+
+
+class _ProgressBar:
+    def __init__(self, name: str, width: int = 30) -> None:
+        self._name = name
+        self._width = width
+        self._started = time.monotonic()
+        self._tty = sys.stderr.isatty()
+        self._shown = 0.0
+
+    def update(self, position: int, head: int) -> None:
+        now = time.monotonic()
+        if not self._tty and now - self._shown < 1 and position < head:
+            return  # a log file gets a line a second, a terminal a moving bar
+        self._shown = now
+        fraction = 1.0 if head <= 0 else min(1.0, position / head)
+        filled = int(fraction * self._width)
+        rate = position / max(now - self._started, 1e-9)
+        line = (f"{self._name:<6} [{'#' * filled}{'.' * (self._width - filled)}] {fraction:6.1%} "
+                f"{position:,}/{head:,} {rate:,.0f} events/s")
+        print(("\r" + line) if self._tty else line, end="" if self._tty else "\n", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self._tty:
+            print(file=sys.stderr)
+
+
+def _queues(options: argparse.Namespace) -> int:
+    app = _app(options)
+    summaries = queues(open_view_database(app.settings.store), tenant=options.tenant)
+    if options.json:
+        _print_json([asdict(s) for s in summaries])
+        return 0
+    states = ("ready", "started", "succeeded", "failed", "cancelled")
+    print(f"{'tenant':<12} {'queue':<16} " + " ".join(f"{s:>10}" for s in states) + "  oldest waiting")
+    for s in summaries:
+        oldest = "-" if s.oldest_waiting_seconds is None else f"{s.oldest_waiting_seconds:.1f}s"
+        print(f"{s.tenant:<12} {s.queue:<16} " + " ".join(f"{s.counts.get(state, 0):>10}" for state in states)
+              + f"  {oldest}")
+    return 0
+
+
+def _tasks(options: argparse.Namespace) -> int:
+    app = _app(options)
+    page = tasks(open_view_database(app.settings.store), queue=options.queue, state=options.state,
+                 tenant=options.tenant, limit=options.limit, after=options.after)
+    return _print_page(page.items, page.next, options.json)
+
+
+def _dlq_list(options: argparse.Namespace) -> int:
+    app = _app(options)
+    page = dead_letters(open_view_database(app.settings.store), tenant=options.tenant, limit=options.limit,
+                        after=options.after)
+    return _print_page(page.items, page.next, options.json)
+
+
+def _print_page(items: Sequence[dict[str, Any]], following: str | None, as_json: bool) -> int:
+    if as_json:
+        _print_json({"items": list(items), "next": following})
+        return 0
+    for item in items:
+        error = f"  {item['error_type']}: {item['error']}" if item["error_type"] else ""
+        print(f"{item['id']}  {item['state']:<10} {item['task']:<24} attempts={item['attempts']} "
+              f"ready={item['ready_at']}{error}")
+    if following:
+        print(f"(more: --after '{following}')")
+    return 0
+
+
+def _audit(options: argparse.Namespace) -> int:
+    app = _app(options)
+    query = AuditQuery(tenant=options.tenant, actor=options.actor, task=options.task, types=options.types or (),
+                       since=parse_time(options.since, "--since"), until=parse_time(options.until, "--until"))
+    records = audit(open_view_database(app.settings.store), query, limit=options.limit, after=options.after)
+    for record in records:
+        if options.format == "json":
+            print(json.dumps(record))
+        else:
+            print(f"{record['position']:>8}  {record['time']}  {record['tenant']:<10} {record['actor']:<36} "
+                  f"{record['type']:<17} {record['summary']}")
+    return 0
