@@ -99,28 +99,38 @@ class Relay:
         if self._store_url is None:
             await self._run(stop)
             return
-        relaying = asyncio.create_task(self._run_leased(stop, self._store_url))
-        stopping = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({relaying, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not relaying.done() and not self.active.is_set():
-                relaying.cancel()  # a standby that never got the lease: nothing to finish
-            with contextlib.suppress(asyncio.CancelledError):
-                await relaying
-        finally:
-            stopping.cancel()
+        while not stop.is_set():
+            relaying = asyncio.create_task(self._run_leased(stop, self._store_url))
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({relaying, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not relaying.done() and not self.active.is_set():
+                    relaying.cancel()  # a standby that never got the lease: nothing to finish
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relaying
+            finally:
+                stopping.cancel()
 
     async def _run_leased(self, stop: asyncio.Event, store_url: str) -> None:
-        async with hold_lease(store_url, self._name):
+        """Relay while holding the store's lease; return when stopped or when the lease is lost."""
+        async with hold_lease(store_url, self._name) as lease:
             self.active.set()
             log.info("relay %s holds the lease", self._name)
             watcher = asyncio.create_task(watch_changes(store_url, self.wakeup))
+            relaying = asyncio.create_task(self._run(stop))
+            lost = asyncio.create_task(lease.lost.wait())
             try:
-                await self._run(stop)
-            finally:
-                watcher.cancel()
+                await asyncio.wait({relaying, lost}, return_when=asyncio.FIRST_COMPLETED)
+                if not relaying.done():
+                    log.warning("relay %s lost its lease: standing by again", self._name)
+                    relaying.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await relaying
+            finally:
+                for task in (watcher, lost):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 self.active.clear()
 
     async def _run(self, stop: asyncio.Event) -> None:
@@ -141,7 +151,9 @@ class Relay:
         connection = await connect(self._amqp_url, name=f"broker_q relay {self._name}")
         in_flight: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         try:
-            channel = await connection.channel(publisher_confirms=True)
+            # A work message the broker returns (no queue bound: deleted by an operator, say) must
+            # fail its page, not count as confirmed: on_return_raises makes the publish raise.
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             exchanges = await self._topology.declare_exchanges(channel)
             self._declared.clear()
             self.position = await asyncio.to_thread(self._store.get_position, self._name)
@@ -217,15 +229,19 @@ class Relay:
                     aio_pika.Message(work_message_body(event), delivery_mode=_PERSISTENT, priority=event.priority,
                                      content_type="application/json", type=WORK_MESSAGE_TYPE,
                                      message_id=f"{event.stream_id}:{event.version}"),
-                    routing_key=event.queue,
+                    routing_key=event.queue, mandatory=True,
                 ))
         for routing_key, bodies in batches.items():
             confirms.append(events_exchange.publish(
                 aio_pika.Message(b"[" + b",".join(bodies) + b"]", delivery_mode=_PERSISTENT,
                                  content_type="application/json", type=EVENTS_MESSAGE_TYPE),
-                routing_key=routing_key,
+                routing_key=routing_key, mandatory=False,  # nobody has to listen to events
             ))
-        await asyncio.gather(*confirms)
+        try:
+            await asyncio.gather(*confirms)
+        except Exception:
+            self._declared.clear()  # the page is published again, after declaring its queues again
+            raise
 
 
 async def _wait(stop: asyncio.Event, timeout: float, also: asyncio.Event | None = None) -> None:

@@ -61,3 +61,64 @@ async def test_a_standby_that_never_got_the_lease_stops_at_once(
     await asyncio.wait_for(standby_task, 5)
     stop_active.set()
     await active_task
+
+
+async def test_a_work_message_the_broker_returns_is_published_again_not_lost(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """An operator deletes a work queue: the relay must not count the returned message as confirmed."""
+    app = App(store=sqlite_url, amqp_url=amqp_url, namespace=namespace)
+    topology = Topology(namespace)
+    stop = asyncio.Event()
+    relay = Relay(app.store, amqp_url, topology, store_url=sqlite_url)
+    relay_task = asyncio.create_task(relay.run(stop))
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        await asyncio.to_thread(app.submit, "t")
+        await wait_for(lambda: relay.position == app.store.max_position(), what="the first task published")
+        channel = await connection.channel()
+        await channel.queue_delete(topology.work_queue("default"))
+        second = await asyncio.to_thread(app.submit, "t")
+
+        async def second_is_queued() -> bool:
+            probe = await connection.channel()
+            try:
+                queue = await probe.declare_queue(topology.work_queue("default"), passive=True)
+                message = await queue.get(fail=False)
+            except aio_pika.exceptions.ChannelClosed:
+                return False  # not declared again yet
+            return message is not None and (message.message_id or "").startswith(str(second.id))
+
+        await wait_for(second_is_queued, timeout=30, what="the returned task to be published again")
+    finally:
+        stop.set()
+        await relay_task
+        await connection.close()
+
+
+async def test_a_relay_whose_postgresql_lease_connection_dies_stands_down(
+    pg_url: str, pg_dsn: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    import psycopg
+
+    app = App(store=pg_url, amqp_url=amqp_url, namespace=namespace)
+    topology = Topology(namespace)
+    stops = [asyncio.Event(), asyncio.Event()]
+    relays = [Relay(App(store=pg_url).store, amqp_url, topology, store_url=pg_url) for _ in stops]
+    tasks = [asyncio.create_task(relays[0].run(stops[0]))]
+    try:
+        await wait_for(relays[0].active.is_set, what="the first relay to take the lease")
+        tasks.append(asyncio.create_task(relays[1].run(stops[1])))
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            holders = conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchall()
+            assert holders
+            for (pid,) in holders:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await wait_for(lambda: relays[1].active.is_set() and not relays[0].active.is_set(), timeout=20,
+                       what="the standby to take over and the first relay to stand down")
+        await asyncio.to_thread(app.submit, "t")
+        await wait_for(lambda: relays[1].position == app.store.max_position(), what="the new holder to publish")
+    finally:
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(*tasks)
