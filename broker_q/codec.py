@@ -34,7 +34,13 @@ def check_json(value: Any, where: str = "value") -> None:
     silently into something else that the handler then receives. (Tuples are accepted and arrive
     as lists, as in every JSON task queue.)
     """
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SerializationError(f"{where} is a string that is not valid Unicode (a lone surrogate)") from None
         return
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
@@ -48,6 +54,7 @@ def check_json(value: Any, where: str = "value") -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SerializationError(f"{where} has the key {key!r}; JSON keys are strings")
+            check_json(key, f"{where} key {key!r}")
             check_json(item, f"{where}[{key!r}]")
         return
     raise SerializationError(f"{where} is a {type(value).__name__}, which is not JSON: {value!r:.80}")

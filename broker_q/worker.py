@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pydantic
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
 from broker_q.codec import check_json
-from broker_q.domain.events import IngressRejected, TaskEvent
+from broker_q.domain.events import IngressRejected, TaskEvent, TaskStarted
 from broker_q.domain.task import (
     TaskStatus,
     failed_event,
@@ -97,16 +97,25 @@ class Worker:
         self._acks: dict[int, _Acks] = {}
         """Per AMQP channel (delivery tags are numbered per channel, and restart on a new one)."""
         self._publish_channel: AbstractChannel | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._attempts: set[asyncio.Future[bool]] = set()
+        self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
+        """Tasks whose handler runs in this worker now, by task id."""
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`)."""
         store = await asyncio.to_thread(lambda: self.app.store)
         self._writer = GroupCommitWriter(store)
-        connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
+        connection = self._connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
         consumers: list[tuple[AbstractQueue, str]] = []
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.prefetch)
+            # Exclusive: it exists exactly while this worker is connected (the robust connection
+            # declares it again after a reconnection). Other workers look for it before taking
+            # over a task this worker started.
+            await channel.declare_queue(self.topology.presence_queue(self.id), exclusive=True, auto_delete=True)
             self._publish_channel = await connection.channel(publisher_confirms=True)
             await self.topology.declare_exchanges(channel)
             for queue in self.queues:
@@ -132,6 +141,7 @@ class Worker:
         Messages still unacknowledged when the connection closes go back to their queue: those not
         started run elsewhere as usual; those started are taken over as a new attempt.
         """
+        self._stopping = True
         for queue, tag in consumers:
             try:
                 await queue.cancel(tag)
@@ -142,6 +152,8 @@ class Worker:
             _, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_grace)
             for task in pending:
                 task.cancel()
+            for attempt in self._attempts:
+                attempt.cancel()  # a sync handler's thread cannot be stopped: it runs on, its outcome dropped
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%s left %d task(s) unfinished; they will be redelivered", self.id, len(pending))
@@ -181,42 +193,75 @@ class Worker:
             await self._refuse(message, f"malformed work message: {_summary(e)}", source=message.routing_key or "")
             return
         try:
-            async with self._slots:
-                await self._run(work, message)
+            await self._slots.acquire()
+            if self._stopping:
+                # Shutting down: leave it unacknowledged; it goes back to the queue when we close.
+                self._slots.release()
+                return
+            # The attempt runs in a task of the worker's own, shielded from this delivery's task:
+            # aiormq cancels a channel's consumer tasks when the channel closes (a connection blip),
+            # and that must not cancel a handler that is running. The attempt holds the slot.
+            attempt = asyncio.ensure_future(self._attempt(work, message))
+            attempt.add_done_callback(lambda _: self._slots.release())
+            self._attempts.add(attempt)
+            attempt.add_done_callback(self._attempts.discard)
+            if await asyncio.shield(attempt):
+                self._acks_of(message).done(message)
         except StoreUnavailable as e:
             log.warning("not acknowledging task %s: %s", work.id, e)
+        except Exception as e:
+            log.exception("task %s: unexpected error", work.id)
+            await self._refuse(message, f"internal error while running task {work.id}: {type(e).__name__}: {e}",
+                               source=message.routing_key or "")
 
-    async def _run(self, work: WorkMessage, message: AbstractIncomingMessage) -> None:
+    async def _attempt(self, work: WorkMessage, message: AbstractIncomingMessage) -> bool:
+        """Record ``started``, run the handler, record the outcome; True when the message may be acked."""
         assert self._writer is not None
         started = started_event(task_id=work.id, version=work.version + 1, attempt=work.attempt, worker=self.id,
                                 tenant=work.tenant, correlation_id=work.correlation_id, now=_now())
         try:
             await self._writer.append([started])
         except ConcurrencyConflict:
-            taken = await self._take_over(work, message)
+            taken = await self._take_over(work, started)
             if taken is None:
-                self._acks_of(message).done(message)
-                return
+                return True
             started = taken
-        definition = self.app.tasks.get(work.task)
-        outcome = await self._execute(definition, work, started.version + 1)
+        current = asyncio.current_task()
+        assert current is not None
+        self._running[work.id] = current
         try:
-            await self._writer.append([outcome])
-        except ConcurrencyConflict:
-            log.info("task %s: outcome dropped, the task was decided elsewhere meanwhile", work.id)
-        self._acks_of(message).done(message)
+            outcome = await self._execute(self.app.tasks.get(work.task), work, started.version + 1)
+            try:
+                await self._writer.append([outcome])
+            except ConcurrencyConflict:
+                if not await self._is_recorded(outcome):
+                    log.info("task %s: outcome dropped, the task was decided elsewhere meanwhile", work.id)
+            return True
+        finally:
+            del self._running[work.id]
 
-    async def _take_over(self, work: WorkMessage, message: AbstractIncomingMessage) -> Any:
-        """The slow path after losing the race for ``started``: decide from the task's history."""
+    async def _take_over(self, work: WorkMessage, mine: TaskStarted) -> TaskStarted | None:
+        """The slow path after losing the race for ``started``: decide from the task's history.
+
+        Returns the ``started`` event to run under, or None when this delivery must not run (its
+        message is then acknowledged): the task is final, runs here or on a live worker, or the
+        message is stale.
+        """
         assert self._writer is not None
         events = await asyncio.to_thread(self.app.store.read_stream, work.id)
+        if len(events) >= mine.version and events[mine.version - 1] == mine:
+            return mine  # our own append committed, but its reply was lost and the retry conflicted
         state = replay(e for e in events if isinstance(e, TaskEvent))
         if state is None or state.is_final:
             return None
-        if state.status is TaskStatus.STARTED and not message.redelivered:
-            return None  # a duplicate of a delivery that is running now
+        running = self._running.get(work.id)
+        if running is not None:
+            await asyncio.shield(running)  # a redelivery of a task running here: ack once it is recorded
+            return None
         if state.status is TaskStatus.READY and state.version != work.version:
             return None  # a stale message: a newer one for this task exists
+        if state.status is TaskStatus.STARTED and state.worker is not None and await self._is_alive(state.worker):
+            return None  # a duplicate: the worker running the task is alive and will record its outcome
         taken = start(state, worker=self.id, now=_now())
         try:
             await self._writer.append([taken])
@@ -225,6 +270,23 @@ class Worker:
         if state.status is TaskStatus.STARTED:
             log.warning("task %s: took over from %s, attempt %d", work.id, state.worker, taken.attempt)
         return taken
+
+    async def _is_recorded(self, event: TaskEvent) -> bool:
+        events = await asyncio.to_thread(self.app.store.read_stream, event.stream_id)
+        return len(events) >= event.version and events[event.version - 1] == event
+
+    async def _is_alive(self, worker: str) -> bool:
+        """Whether ``worker`` is connected to RabbitMQ now (its presence queue exists)."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            await channel.declare_queue(self.topology.presence_queue(worker), passive=True)
+            return True
+        except aio_pika.exceptions.ChannelClosed:
+            return False  # NOT_FOUND closes the channel: the queue, and so the worker, is gone
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def _execute(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage,
                        version: int) -> TaskEvent:

@@ -10,6 +10,7 @@ With namespace ``ns`` (default ``broker_q``)::
         └─> ns.work.<queue>        durable, x-max-priority 9, consumed by the workers of <queue>
     ns.events    topic exchange    the relay publishes every event, routing key <tenant>.<stream>.<type>
     ns.invalid   durable queue     refused messages, with the reason in header x-broker-q-reason
+    ns.worker.<worker id>          exclusive queue: exists while that worker is connected
 
 Every declaration is idempotent, so any process may declare at start and at reconnection.
 """
@@ -58,6 +59,10 @@ class Topology:
 
     def ingress_queue(self, queue: str) -> str:
         return f"{self.namespace}.ingress.{queue}"
+
+    def presence_queue(self, worker: str) -> str:
+        """The exclusive queue that exists while ``worker`` is connected."""
+        return f"{self.namespace}.worker.{worker}"
 
     async def declare_exchanges(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
         unrouted = await channel.declare_exchange(self.unrouted, aio_pika.ExchangeType.FANOUT, durable=True)

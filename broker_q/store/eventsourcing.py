@@ -30,7 +30,7 @@ from eventsourcing.utils import Environment
 
 from broker_q.codec import decode_event, encode_event
 from broker_q.domain.events import Event
-from broker_q.errors import ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
+from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
 from broker_q.store.port import AppendResult, Recorded
 
 __all__ = ["RecorderEventStore", "open_store", "store_environment"]
@@ -141,7 +141,9 @@ class RecorderEventStore:
         self._on_commit = on_commit
 
     def append(self, events: Sequence[Event]) -> list[int]:
-        stored = [StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events]
+        return self._insert([StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events])
+
+    def _insert(self, stored: Sequence[StoredEvent]) -> list[int]:
         with _translated():
             positions = self._recorder.insert_events(stored)
         if self._on_commit is not None:
@@ -149,22 +151,35 @@ class RecorderEventStore:
         return list(positions or ())
 
     def append_groups(self, groups: Sequence[Sequence[Event]]) -> list[AppendResult]:
-        results: list[AppendResult] = [ConcurrencyConflict("not appended")] * len(groups)
-        self._append_bisecting(list(enumerate(groups)), results)
+        results: list[AppendResult] = [StoreError("not appended")] * len(groups)
+        encoded: list[tuple[int, list[StoredEvent]]] = []
+        for index, group in enumerate(groups):
+            try:  # a group that cannot be encoded is refused alone, before any transaction
+                encoded.append((index, [StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in group]))
+            except BrokerQError as e:
+                results[index] = e
+        if encoded:
+            self._insert_bisecting(encoded, results)
         return results
 
-    def _append_bisecting(self, indexed: list[tuple[int, Sequence[Event]]], results: list[AppendResult]) -> None:
-        # One transaction for all; on a conflict, halve and retry each half, so k conflicts among n
-        # groups cost about k*log2(n) extra transactions instead of n.
+    def _insert_bisecting(self, indexed: list[tuple[int, list[StoredEvent]]], results: list[AppendResult]) -> None:
+        # One transaction for all. If it is refused, halve and try each half, so that k refused
+        # groups among n cost about k*log2(n) more transactions instead of n. A transaction that
+        # could not be made at all (the store is unreachable) marks its groups StoreUnavailable,
+        # never raises: groups committed by an earlier half must not be appended again by a retry.
         try:
-            positions = self.append([e for _, group in indexed for e in group])
-        except ConcurrencyConflict as e:
+            positions = self._insert([e for _, group in indexed for e in group])
+        except StoreUnavailable as e:
+            for index, _ in indexed:
+                results[index] = e
+            return
+        except StoreError as e:
             if len(indexed) == 1:
                 results[indexed[0][0]] = e
                 return
             middle = len(indexed) // 2
-            self._append_bisecting(indexed[:middle], results)
-            self._append_bisecting(indexed[middle:], results)
+            self._insert_bisecting(indexed[:middle], results)
+            self._insert_bisecting(indexed[middle:], results)
             return
         offset = 0
         for index, group in indexed:
@@ -204,6 +219,9 @@ class RecorderEventStore:
 
     def close(self) -> None:
         self._factory.close()
+        close_signal = getattr(self._on_commit, "__self__", None)
+        if close_signal is not None and hasattr(close_signal, "close"):
+            close_signal.close()
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:

@@ -45,8 +45,10 @@ class EventStore(Protocol):
     def append_groups(self, groups: Sequence[Sequence[Event]]) -> list[AppendResult]:
         """Append independent groups, each all-or-nothing, in as few transactions as possible.
 
-        A conflict in one group does not refuse the others: it is isolated and returned in its place.
-        Raises :class:`~broker_q.errors.StoreUnavailable` if the store cannot be reached at all.
+        Never raises for a group: each result is the group's positions or the error that refused it
+        (:class:`~broker_q.errors.ConcurrencyConflict`, :class:`~broker_q.errors.SerializationError`...),
+        isolated from the other groups. A group whose result is
+        :class:`~broker_q.errors.StoreUnavailable` was not appended and may be tried again.
         """
         ...
 

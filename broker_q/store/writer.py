@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from broker_q.domain.events import Event
 from broker_q.errors import StoreUnavailable
-from broker_q.store.port import EventStore
+from broker_q.store.port import AppendResult, EventStore
 
 __all__ = ["GroupCommitWriter"]
 
@@ -35,6 +35,7 @@ class GroupCommitWriter:
         self._flushing: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker_q-writer")
         self._closed = False
+        self._closing = False
         self.transactions = 0
         """How many commits the writer made (for tests and benchmarks)."""
 
@@ -57,30 +58,29 @@ class GroupCommitWriter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                groups = [events for events, _ in batch]
                 backoff = 0.05
-                while True:
+                while batch:
                     try:
-                        results = await loop.run_in_executor(self._executor, self._store.append_groups, groups)
-                        break
-                    except StoreUnavailable as e:
-                        if not self._retry_unavailable or self._closed:
-                            for _, future in batch:
-                                if not future.done():
-                                    future.set_exception(e)
-                            results = []
-                            break
-                        log.warning("event store unavailable, retrying in %.2fs: %s", backoff, e)
+                        results: list[AppendResult] = await loop.run_in_executor(
+                            self._executor, self._store.append_groups, [events for events, _ in batch])
+                    except StoreUnavailable as e:  # nothing was appended
+                        results = [e] * len(batch)
+                    self.transactions += 1
+                    retry: list[tuple[Sequence[Event], asyncio.Future[list[int]]]] = []
+                    for (events, future), result in zip(batch, results, strict=True):
+                        if future.done():
+                            continue
+                        if isinstance(result, StoreUnavailable) and self._retry_unavailable and not self._closing:
+                            retry.append((events, future))  # only these: the others are decided
+                        elif isinstance(result, Exception):
+                            future.set_exception(result)
+                        else:
+                            future.set_result(result)
+                    batch = retry
+                    if batch:
+                        log.warning("event store unavailable, retrying %d append(s) in %.2fs", len(batch), backoff)
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, self._max_backoff)
-                self.transactions += 1
-                for (_, future), result in zip(batch, results, strict=False):
-                    if future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
         except BaseException as e:
             for _, future in [*batch, *self._pending]:
                 if not future.done():
@@ -91,7 +91,8 @@ class GroupCommitWriter:
             self._flushing = None
 
     async def close(self) -> None:
-        """Commit what is pending, then stop the writer thread."""
+        """Commit what is pending (what the store refuses as unavailable fails), then stop the thread."""
+        self._closing = True
         if self._flushing is not None:
             await asyncio.shield(self._flushing)
         self._closed = True
