@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
+import aiormq
 import pydantic
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
@@ -282,8 +283,10 @@ class Worker:
         try:
             await channel.declare_queue(self.topology.presence_queue(worker), passive=True)
             return True
-        except aio_pika.exceptions.ChannelClosed:
-            return False  # NOT_FOUND closes the channel: the queue, and so the worker, is gone
+        except aiormq.exceptions.ChannelLockedResource:
+            return True  # RESOURCE_LOCKED: it exists, held exclusively by that worker's connection
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False  # NOT_FOUND: the queue, and so the worker's connection, is gone
         finally:
             if not channel.is_closed:
                 await channel.close()

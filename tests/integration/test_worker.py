@@ -301,3 +301,84 @@ async def test_the_relay_wakes_on_commit_instead_of_polling(
     finally:
         stop.set()
         await relay_task
+
+
+async def test_a_redelivered_duplicate_does_not_take_the_task_from_a_live_worker(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """Worker A runs the task; a copy that was delivered once and requeued (so marked redelivered)
+    reaches worker B, which must see that A is alive and leave the task to it."""
+    amqp_cleanup.extend([f"{namespace}.work.other", f"{namespace}.ingress.other"])
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    @app.task(name="slow")
+    async def slow() -> str:
+        runs.append("run")
+        await release.wait()
+        return "done"
+
+    handle = app.submit("slow")
+    body = work_message_body(app.history(handle.id)[0])  # type: ignore[arg-type]
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        async with running(app, ["default"], relay=False, worker_id="worker-a", shutdown_grace=1) as first:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(first.topology.work_exchange)
+            await exchange.publish(aio_pika.Message(body), routing_key="default")
+            await wait_for(lambda: runs == ["run"], what="the task to start on worker A")
+            other, _ = await first.topology.declare_queue(channel, "other")
+            await exchange.publish(aio_pika.Message(body), routing_key="other")
+            duplicate = await other.get(timeout=5)
+            await duplicate.nack(requeue=True)
+            async with running(app, ["other"], relay=False, worker_id="worker-b", shutdown_grace=1):
+
+                async def duplicate_settled() -> bool:
+                    declared = await channel.declare_queue(other.name, passive=True)
+                    return declared.declaration_result.message_count == 0 and not release.is_set()
+
+                await wait_for(duplicate_settled, what="worker B to settle the duplicate")
+                await asyncio.sleep(0)
+                assert runs == ["run"]
+                release.set()
+                assert await handle.result(timeout=10) == "done"
+    finally:
+        release.set()
+        await connection.close()
+    assert runs == ["run"]
+    assert [e.TYPE for e in app.history(handle.id)] == ["submitted", "started", "succeeded"]
+    assert [r.event.TYPE for r in app.store.read_log(0, 100)].count("ingress_rejected") == 0
+
+
+async def test_a_connection_blip_does_not_cancel_a_running_handler(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    finished: list[str] = []
+
+    @app.task(name="steady")
+    async def steady() -> str:
+        await asyncio.sleep(3)
+        finished.append("done")
+        return "done"
+
+    async with running(app, worker_id=f"blip-{namespace}"):
+        handle = await steady.submit()
+        await wait_for(lambda: app.get_task(handle.id).status is TaskStatus.STARTED, what="the task to start")
+        listing = await _rabbitmqctl("list_connections", "pid", "client_properties")
+        pids = [line.split("\t")[0] for line in listing.splitlines() if f"blip-{namespace}" in line]
+        assert pids, listing
+        for pid in pids:
+            await _rabbitmqctl("close_connection", pid, "test: a connection blip")
+        assert await handle.result(timeout=30) == "done"
+    assert finished == ["done"]
+    assert [e.TYPE for e in app.history(handle.id)] == ["submitted", "started", "succeeded"]
+
+
+async def _rabbitmqctl(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", *args, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
