@@ -22,7 +22,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import pydantic
 
 from broker_q.codec import check_json
-from broker_q.domain.events import Event, TaskSubmitted
+from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
 from broker_q.domain.task import TaskState, TaskStatus, replay, submit, task_id_for
 from broker_q.errors import (
     ConcurrencyConflict,
@@ -243,7 +243,10 @@ class App:
 
     def get_task(self, task_id: uuid.UUID | str) -> TaskState:
         """The task's current state, replayed from its events."""
-        state = replay(self.history(task_id))  # type: ignore[arg-type]
+        events = self.history(task_id)
+        if not all(isinstance(e, TaskEvent) for e in events):
+            raise TaskNotFound(f"{task_id} is not a task (it names a {events[0].TYPE} record)")
+        state = replay(e for e in events if isinstance(e, TaskEvent))
         assert state is not None
         return state
 

@@ -182,6 +182,9 @@ class Worker:
         key = id(message.channel)
         acks = self._acks.get(key)
         if acks is None or acks.channel is not message.channel:
+            # A new channel (after a reconnection): forget the closed ones and their messages.
+            for stale in [k for k, a in self._acks.items() if getattr(a.channel, "is_closed", False)]:
+                del self._acks[stale]
             acks = self._acks[key] = _Acks(message.channel)
         return acks
 

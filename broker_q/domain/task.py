@@ -52,6 +52,9 @@ __all__ = [
 MAX_PRIORITY = 9
 """Priorities run from 0 (lowest) to ``MAX_PRIORITY`` (highest)."""
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}")
+_QUEUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}")
+"""Queue names become parts of AMQP queue names (255 bytes at most) and routing keys."""
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 _IDEMPOTENCY_NS = uuid.UUID("0b9f4c1e-2a7d-5e8b-9c3f-7d6e5a4b3c21")
 
@@ -121,10 +124,10 @@ def submit(
     idempotency_key: str | None = None,
 ) -> TaskSubmitted:
     """Decide the first event of a new task."""
-    if not task:
-        raise DomainError("a task needs a name")
-    if not queue:
-        raise DomainError("a task needs a queue")
+    if not _NAME.fullmatch(task):
+        raise DomainError(f"task name {task!r} is not a name (letters, digits, '_', '.', ':', '-'; at most 200)")
+    if not _QUEUE.fullmatch(queue):
+        raise DomainError(f"queue name {queue!r} is not a queue name (letters, digits, '_', '.', '-'; at most 100)")
     if not _TENANT.fullmatch(tenant):
         raise DomainError(f"tenant {tenant!r} is not a tenant name (lowercase letters, digits, '_' and '-')")
     if not 0 <= priority <= MAX_PRIORITY:

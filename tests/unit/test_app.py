@@ -245,3 +245,26 @@ def test_settings_are_read_on_first_use_and_the_command_line_can_override_them(
 def test_a_tenant_that_is_not_a_tenant_name_is_refused(app: App) -> None:
     with pytest.raises(DomainError, match="is not a tenant name"):
         app.submit("anything", tenant="Not A Tenant")
+
+
+@pytest.mark.parametrize("queue", ["has space", "q" * 101, "slash/es"])
+def test_a_queue_name_that_cannot_name_an_amqp_queue_is_refused(app: App, queue: str) -> None:
+    with pytest.raises(DomainError, match="queue name"):
+        app.submit("anything", queue=queue)
+
+
+def test_the_id_of_a_refused_message_is_not_a_task(app: App) -> None:
+    import hashlib
+    import uuid
+    from datetime import UTC, datetime
+
+    from broker_q.domain.events import IngressRejected
+    from broker_q.errors import TaskNotFound
+
+    stream = uuid.uuid4()
+    app.store.append([IngressRejected(
+        stream_id=stream, version=1, timestamp=datetime.now(UTC), tenant="default", actor="test",
+        correlation_id=stream, reason="bad", queue="default", message_id=None, size=1,
+        sha256=hashlib.sha256(b"x").hexdigest())])
+    with pytest.raises(TaskNotFound, match="is not a task"):
+        app.get_task(stream)
