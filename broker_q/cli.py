@@ -11,16 +11,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from broker_q.amqp.topology import Topology
 from broker_q.app import App, _as_uuid
 from broker_q.codec import loads
-from broker_q.domain.events import Event
-from broker_q.domain.task import TaskState
 from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, ValidationError
 from broker_q.relay import Relay
+from broker_q.rendering import history_row, status_view
 from broker_q.worker import Worker
 
 __all__ = ["main"]
@@ -166,20 +164,6 @@ def _status(options: argparse.Namespace) -> int:
     return 0
 
 
-def status_view(state: TaskState) -> dict[str, Any]:
-    """A task's state as the CLI and the API show it (JSON-ready)."""
-    return {
-        "id": str(state.task_id), "task": state.task, "state": state.status.value, "queue": state.queue,
-        "tenant": state.tenant, "priority": state.priority, "attempts": state.attempts, "version": state.version,
-        "args": state.args, "kwargs": state.kwargs, "result": state.result,
-        "error": None if state.error_type is None else f"{state.error_type}: {state.error}",
-        "traceback": state.traceback, "worker": state.worker,
-        "submitted_at": state.submitted_at.isoformat(),
-        "started_at": state.started_at.isoformat() if state.started_at else None,
-        "finished_at": state.finished_at.isoformat() if state.finished_at else None,
-    }
-
-
 def _history(options: argparse.Namespace) -> int:
     events = _app(options).history(_as_uuid(options.id))
     rows = [history_row(e) for e in events]
@@ -190,16 +174,6 @@ def _history(options: argparse.Namespace) -> int:
         details = ", ".join(f"{k}={json.dumps(v)}" for k, v in row["data"].items() if v not in (None, [], {}))
         print(f"{row['time']}  v{row['version']:<3} {row['type']:<10} {row['actor']:<40} {details}")
     return 0
-
-
-def history_row(event: Event) -> dict[str, Any]:
-    common = {"stream_id", "version", "timestamp", "tenant", "actor", "correlation_id", "causation_id"}
-    data = {k: v for k, v in asdict(event).items() if k not in common}
-    return {
-        "version": event.version, "time": event.timestamp.isoformat(), "type": event.TYPE, "actor": event.actor,
-        "tenant": event.tenant, "correlation_id": str(event.correlation_id),
-        "causation_id": str(event.causation_id) if event.causation_id else None, "data": data,
-    }
 
 
 def _worker(options: argparse.Namespace) -> int:

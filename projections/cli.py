@@ -20,6 +20,7 @@ from typing import Any
 from broker_q.app import App
 from broker_q.domain.task import TaskState, TaskStatus
 from broker_q.errors import BrokerQError, ValidationError
+from broker_q.rendering import status_view
 from broker_q.store.port import EventStore, Recorded
 from projections.replay import EVENT_TYPES, Timeline, details, events, queue_counts_at, task_state_at, timeline
 
@@ -184,7 +185,6 @@ def _state(options: argparse.Namespace) -> int:
 def _print_task_state(task: uuid.UUID, state: TaskState | None, as_of: dict[str, Any], moment: str,
                       as_json: bool) -> int:
     # Imported here because broker_q.cli imports this module to register its commands.
-    from broker_q.cli import status_view
 
     view = None if state is None else status_view(state)
     if as_json:
@@ -215,7 +215,6 @@ def event_json(recorded: Recorded) -> dict[str, Any]:
 
 def timeline_json(history: Timeline) -> dict[str, Any]:
     """A task's timeline as ``replay --json`` shows it (durations in seconds)."""
-    from broker_q.cli import status_view  # see _print_task_state
 
     return {
         "id": str(history.task_id),
