@@ -99,7 +99,6 @@ class Worker:
         """Per AMQP channel (delivery tags are numbered per channel, and restart on a new one)."""
         self._publish_channel: AbstractChannel | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._attempts: set[asyncio.Future[bool]] = set()
         self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
         """Tasks whose handler runs in this worker now, by task id."""
         self._stopping = False
@@ -152,9 +151,7 @@ class Worker:
             log.info("%s waiting up to %.0fs for %d task(s)", self.id, self.shutdown_grace, len(self._inflight))
             _, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_grace)
             for task in pending:
-                task.cancel()
-            for attempt in self._attempts:
-                attempt.cancel()  # a sync handler's thread cannot be stopped: it runs on, its outcome dropped
+                task.cancel()  # a sync handler's thread cannot be stopped: it runs on, its outcome dropped
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%s left %d task(s) unfinished; they will be redelivered", self.id, len(pending))
@@ -164,17 +161,15 @@ class Worker:
             await asyncio.wait(acks, timeout=5)
 
     def _spawn(self, handler: Any) -> Any:
-        # aio-pika runs each delivery's callback in a task of its own; tracking that task is what
-        # lets shutdown wait for the work in flight.
+        # The delivery is handled in a task of the worker's own, not in the consumer task aio-pika
+        # runs this callback in: aiormq cancels a channel's consumer tasks when the channel closes
+        # (a connection blip), which must not cancel a handler that is running. Tracking the tasks
+        # is what lets shutdown wait for the work in flight.
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._acks_of(message).delivered(message)
-            task = asyncio.current_task()
-            assert task is not None
+            task: asyncio.Task[None] = asyncio.ensure_future(handler(message))
             self._inflight.add(task)
-            try:
-                await handler(message)
-            finally:
-                self._inflight.discard(task)
+            task.add_done_callback(self._inflight.discard)
 
         return on_message
 
@@ -197,20 +192,11 @@ class Worker:
             await self._refuse(message, f"malformed work message: {_summary(e)}", source=message.routing_key or "")
             return
         try:
-            await self._slots.acquire()
-            if self._stopping:
-                # Shutting down: leave it unacknowledged; it goes back to the queue when we close.
-                self._slots.release()
-                return
-            # The attempt runs in a task of the worker's own, shielded from this delivery's task:
-            # aiormq cancels a channel's consumer tasks when the channel closes (a connection blip),
-            # and that must not cancel a handler that is running. The attempt holds the slot.
-            attempt = asyncio.ensure_future(self._attempt(work, message))
-            attempt.add_done_callback(lambda _: self._slots.release())
-            self._attempts.add(attempt)
-            attempt.add_done_callback(self._attempts.discard)
-            if await asyncio.shield(attempt):
-                self._acks_of(message).done(message)
+            async with self._slots:
+                if self._stopping:
+                    return  # shutting down: left unacknowledged, it goes back to the queue when we close
+                if await self._attempt(work):
+                    self._acks_of(message).done(message)
         except StoreUnavailable as e:
             log.warning("not acknowledging task %s: %s", work.id, e)
         except Exception as e:
@@ -218,7 +204,7 @@ class Worker:
             await self._refuse(message, f"internal error while running task {work.id}: {type(e).__name__}: {e}",
                                source=message.routing_key or "")
 
-    async def _attempt(self, work: WorkMessage, message: AbstractIncomingMessage) -> bool:
+    async def _attempt(self, work: WorkMessage) -> bool:
         """Record ``started``, run the handler, record the outcome; True when the message may be acked."""
         assert self._writer is not None
         started = started_event(task_id=work.id, version=work.version + 1, attempt=work.attempt, worker=self.id,
