@@ -150,8 +150,12 @@ class _ProgressBar:
         self._started = time.monotonic()
         self._tty = sys.stderr.isatty()
         self._shown = 0.0
+        self._last = -1
 
     def update(self, position: int, head: int) -> None:
+        if position == self._last:
+            return  # the last batch and the swap report the same position
+        self._last = position
         now = time.monotonic()
         if not self._tty and now - self._shown < 1 and position < head:
             return  # a log file gets a line a second, a terminal a moving bar

@@ -36,11 +36,13 @@ class Cursor(Protocol):
 class ViewDatabase:
     """Transactions on the views' database, one connection, serialised by a lock."""
 
-    def __init__(self, dialect: Literal["sqlite", "postgres"], connect: Any) -> None:
+    def __init__(self, dialect: Literal["sqlite", "postgres"], connect: Any,
+                 lock: threading.RLock | None = None) -> None:
         self.dialect = dialect
         self._connect = connect
         self._connection: Any = None
-        self._lock = threading.RLock()
+        self._lock = lock or threading.RLock()
+        """Per connection: handles that share a connection (memory://) share its lock."""
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Cursor]:
@@ -103,7 +105,8 @@ class _Adapted:
 
 
 _PLACEHOLDER = re.compile(r"\?")
-_MEMORY_DATABASES: dict[str, sqlite3.Connection] = {}
+_MEMORY_DATABASES: dict[str, tuple[sqlite3.Connection, threading.RLock]] = {}
+_MEMORY_LOCK = threading.Lock()
 
 
 def views_path(events_path: str) -> str:
@@ -148,15 +151,18 @@ def open_view_database(store_url: str) -> ViewDatabase:
 
         return ViewDatabase("postgres", connect_postgres)
 
+    # One in-memory database per store URL in this process, like the memory:// store itself; every
+    # handle on it shares its one connection, and so its lock.
+    with _MEMORY_LOCK:
+        if store_url not in _MEMORY_DATABASES:
+            _MEMORY_DATABASES[store_url] = (
+                sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False), threading.RLock())
+        connection, lock = _MEMORY_DATABASES[store_url]
+
     def connect_memory() -> sqlite3.Connection:
-        # One in-memory database per store URL in this process, like the memory:// store itself.
-        connection = _MEMORY_DATABASES.get(store_url)
-        if connection is None:
-            connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            _MEMORY_DATABASES[store_url] = connection
         return _Unclosable(connection)  # type: ignore[return-value]
 
-    return ViewDatabase("sqlite", connect_memory)
+    return ViewDatabase("sqlite", connect_memory, lock)
 
 
 class _Unclosable:
@@ -183,6 +189,8 @@ def _translated() -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            raise StoreError(f"view database error: {e}") from e
         raise StoreUnavailable(f"view database unavailable: {e}") from e
     except sqlite3.Error as e:
         raise StoreError(f"view database error: {e}") from e

@@ -4,7 +4,7 @@ numbers survive restarts and a rebuild recomputes them from the events like any 
 - ``broker_q_tasks_total{tenant,queue,task,outcome}``: tasks that finished, by outcome (counter);
 - ``broker_q_task_queue_wait_seconds{tenant,queue}``: from ready to started (histogram);
 - ``broker_q_task_run_seconds{tenant,queue}``: from started to the outcome (histogram);
-- ``broker_q_tasks{tenant,queue,state}``: tasks in each state now (gauge);
+- ``broker_q_tasks_in_state{tenant,queue,state}``: tasks in each state now (gauge);
 - ``broker_q_projection_position{view}``, ``broker_q_projection_lag_events{view}``,
   ``broker_q_projection_lag_seconds{view}``: how far each view is behind the store (gauges).
 
@@ -21,8 +21,7 @@ from prometheus_client.registry import Collector
 
 from broker_q.store.port import EventStore
 from projections.database import ViewDatabase
-from projections.queries import status
-from projections.runner import REGISTRY
+from projections.queries import status_in
 from projections.views import BUCKETS, table
 
 __all__ = ["ViewsCollector", "exposition", "registry_for", "serve_metrics"]
@@ -34,12 +33,13 @@ class ViewsCollector(Collector):
         self._store = store
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        # The positions are read in the same transaction as the data, so a scrape never shows a
+        # position past the data it shows.
         with self._database.transaction(write=False) as cursor:
-            cursor.execute(f"SELECT generation FROM {REGISTRY} WHERE name = 'tasks'")
-            row = cursor.fetchone()
-            if row is None:
+            views = status_in(cursor, self._store)
+            generation = next((v.generation for v in views if v.name == "tasks"), None)
+            if generation is None:
                 return
-            generation = int(row[0])
             cursor.execute(f"SELECT tenant, queue, task, outcome, count FROM {table('outcomes', generation)} "
                            "ORDER BY tenant, queue, task, outcome")
             outcomes = cursor.fetchall()
@@ -87,7 +87,7 @@ class ViewsCollector(Collector):
                                        labels=["view"])
         lag_seconds = GaugeMetricFamily("broker_q_projection_lag_seconds",
                                         "Seconds between the newest event and the last one applied", labels=["view"])
-        for view in status(self._database, self._store):
+        for view in views:
             position.add_metric([view.name], float(view.position))
             lag_events.add_metric([view.name], float(view.lag_events))
             lag_seconds.add_metric([view.name], view.lag_seconds)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from broker_q.errors import ValidationError
+from broker_q.errors import StoreError, ValidationError
 from broker_q.store.port import EventStore
 from projections.database import Cursor, ViewDatabase
 from projections.runner import REGISTRY
@@ -30,9 +30,13 @@ __all__ = [
     "dead_letters",
     "queues",
     "status",
+    "status_in",
     "task",
     "tasks",
 ]
+
+T = TypeVar("T")
+Key = tuple[str, str]
 
 _TASK_FIELDS = ("task_id", "tenant", "queue", "task", "state", "priority", "attempts", "version", "worker",
                 "correlation_id", "submitted_at", "ready_at", "started_at", "finished_at", "result", "error_type",
@@ -54,20 +58,42 @@ class QueueSummary:
     oldest_waiting_seconds: float | None
 
 
+_NEVER_BUILT = "the views do not exist yet: run `broker-q projections run` (or `broker-q run`) once"
+
+
 def _generation(cursor: Cursor, view: str) -> int:
     cursor.execute(f"SELECT generation FROM {REGISTRY} WHERE name = ?", (view,))
     row = cursor.fetchone()
     if row is None:
-        raise ValidationError(f"the {view} view does not exist yet: run `broker-q projections run` once")
+        raise ValidationError(_NEVER_BUILT)
     return int(row[0])
+
+
+def _query(database: ViewDatabase, view: str, work: Callable[[Cursor, int], T]) -> T:
+    """Run ``work(cursor, live generation)`` in one read transaction.
+
+    A rebuild may drop the tables of a generation that a query has just looked up (PostgreSQL reads
+    the catalog afresh at each statement): the query then runs again on the new generation.
+    """
+    for attempt in range(3):
+        try:
+            with database.transaction(write=False) as cursor:
+                return work(cursor, _generation(cursor, view))
+        except StoreError as e:
+            text = str(e)
+            if REGISTRY in text:
+                raise ValidationError(_NEVER_BUILT) from None
+            if attempt == 2 or not ("no such table" in text or "does not exist" in text):
+                raise
+    raise AssertionError("unreachable")
 
 
 def queues(database: ViewDatabase, *, tenant: str | None = None, now: float | None = None) -> list[QueueSummary]:
     """Per tenant and queue: tasks in each state, and how long the oldest ready task has waited."""
     now = time.time() if now is None else now
     where, params = ("WHERE tenant = ?", [tenant]) if tenant else ("", [])
-    with database.transaction(write=False) as cursor:
-        generation = _generation(cursor, "tasks")
+
+    def work(cursor: Cursor, generation: int) -> tuple[dict[Key, dict[str, int]], dict[Key, float]]:
         cursor.execute(f"SELECT tenant, queue, state, count FROM {table('queue_counts', generation)} {where} "
                        "ORDER BY tenant, queue, state", params)
         summaries: dict[tuple[str, str], dict[str, int]] = {}
@@ -81,6 +107,9 @@ def queues(database: ViewDatabase, *, tenant: str | None = None, now: float | No
             value = cursor.fetchone()[0]
             if value is not None:
                 oldest[(row_tenant, queue)] = float(value)
+        return summaries, oldest
+
+    summaries, oldest = _query(database, "tasks", work)
     return [QueueSummary(t, q, counts, None if (t, q) not in oldest else max(0.0, now - oldest[(t, q)]))
             for (t, q), counts in summaries.items()]
 
@@ -115,11 +144,13 @@ def dead_letters(database: ViewDatabase, *, tenant: str | None = None, limit: in
 
 def task(database: ViewDatabase, task_id: str) -> dict[str, Any] | None:
     """The task view's row of one task."""
-    with database.transaction(write=False) as cursor:
-        generation = _generation(cursor, "tasks")
-        cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table('tasks', generation)} WHERE task_id = ?",
-                       (_task_key(task_id),))
-        row = cursor.fetchone()
+    key = _task_key(task_id)
+
+    def work(cursor: Cursor, generation: int) -> Any:
+        cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table('tasks', generation)} WHERE task_id = ?", (key,))
+        return cursor.fetchone()
+
+    row = _query(database, "tasks", work)
     return None if row is None else _task_row(row)
 
 
@@ -132,12 +163,13 @@ def _task_page(database: ViewDatabase, conditions: list[str], params: list[Any],
         mark, task_id = _cursor(after)
         conditions.append(f"({order} {comparison} ? OR ({order} = ? AND task_id {comparison} ?))")
         params += [mark, mark, task_id]
-    with database.transaction(write=False) as cursor:
-        generation = _generation(cursor, "tasks")
+    def work(cursor: Cursor, generation: int) -> list[Any]:
         cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table('tasks', generation)} "
                        f"WHERE {' AND '.join(conditions)} ORDER BY {order} {direction}, task_id {direction} "
                        f"LIMIT ?", [*params, limit + 1])
-        rows = cursor.fetchall()
+        return cursor.fetchall()
+
+    rows = _query(database, "tasks", work)
     items = [_task_row(row) for row in rows[:limit]]
     following = None
     if len(rows) > limit:
@@ -211,11 +243,12 @@ def audit(database: ViewDatabase, query: AuditQuery, *, limit: int = 100, after:
         conditions.append("position > ?")
         params.append(after)
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    with database.transaction(write=False) as cursor:
-        generation = _generation(cursor, "audit")
+    def work(cursor: Cursor, generation: int) -> list[Any]:
         cursor.execute(f"SELECT position, time, tenant, actor, stream_id, task_id, type, summary "
                        f"FROM {table('audit', generation)} {where} ORDER BY position LIMIT ?", [*params, limit])
-        rows = cursor.fetchall()
+        return cursor.fetchall()
+
+    rows = _query(database, "audit", work)
     return [{"position": position, "time": _iso(at), "tenant": tenant, "actor": actor,
              "stream_id": str(uuid.UUID(stream_id)), "task_id": None if task_id is None else str(uuid.UUID(task_id)),
              "type": kind, "summary": text} for position, at, tenant, actor, stream_id, task_id, kind, text in rows]
@@ -235,10 +268,20 @@ class ViewStatus:
 
 def status(database: ViewDatabase, store: EventStore) -> list[ViewStatus]:
     """Each view's position, its lag behind the store (events and seconds) and its last update."""
-    with database.transaction(write=False) as cursor:
-        cursor.execute(f"SELECT name, generation, position, updated_at, event_time, building, building_position "
-                       f"FROM {REGISTRY} ORDER BY name")
-        rows = cursor.fetchall()
+    try:
+        with database.transaction(write=False) as cursor:
+            return status_in(cursor, store)
+    except StoreError as e:
+        if REGISTRY in str(e):
+            raise ValidationError(_NEVER_BUILT) from None
+        raise
+
+
+def status_in(cursor: Cursor, store: EventStore) -> list[ViewStatus]:
+    """:func:`status`, read with ``cursor`` (in the caller's transaction)."""
+    cursor.execute(f"SELECT name, generation, position, updated_at, event_time, building, building_position "
+                   f"FROM {REGISTRY} ORDER BY name")
+    rows = cursor.fetchall()
     head = store.max_position()
     newest = None
     if head:

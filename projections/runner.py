@@ -164,28 +164,35 @@ class ProjectionRunner:
         while True:
             batch = self.store.read_log(position, self.batch_size)
             head = self.store.max_position()
-            near_head = len(batch) < self.batch_size
-            with self.database.transaction() as cursor:
-                if near_head:
-                    # The last batches and the swap happen under the views' write lock, so no event
-                    # can be applied to the old generation after the new one has taken its place.
-                    while batch:
-                        view.apply(cursor, building, batch)
-                        applied += len(batch)
-                        position = batch[-1].position
-                        batch = self.store.read_log(position, self.batch_size)
-                    self._swap(cursor, view, building, position)
-                    if progress is not None:
-                        progress(position, max(head, position))
-                    return applied
-                view.apply(cursor, building, batch)
+            if len(batch) == self.batch_size:
+                with self.database.transaction() as cursor:
+                    view.apply(cursor, building, batch)
+                    position = batch[-1].position
+                    cursor.execute(f"UPDATE {REGISTRY} SET building_position = ? WHERE name = ?", (position, name))
                 applied += len(batch)
-                position = batch[-1].position
-                cursor.execute(f"UPDATE {REGISTRY} SET building_position = ? WHERE name = ?", (position, name))
+                if progress is not None:
+                    progress(position, head)
+                continue
+            with self.database.transaction() as cursor:
+                # The last batches and the swap happen under the views' write lock, so no event can
+                # be applied to the old generation after the new one has taken its place.
+                while batch:
+                    view.apply(cursor, building, batch)
+                    applied += len(batch)
+                    position = batch[-1].position
+                    batch = self.store.read_log(position, self.batch_size)
+                replaced = self._swap(cursor, view, building, position)
+            # Dropped in a transaction of its own, after the swap committed: a query that looked up the
+            # old generation just before the swap finishes first, and one that finds its tables gone
+            # runs again on the new generation (queries._query).
+            with self.database.transaction() as cursor:
+                self._drop(cursor, view, replaced)
             if progress is not None:
-                progress(position, head)
+                progress(position, max(head, position))
+            return applied
 
-    def _swap(self, cursor: Cursor, view: View, building: int, position: int) -> None:
+    def _swap(self, cursor: Cursor, view: View, building: int, position: int) -> int:
+        """Make generation ``building`` the live one; return the generation it replaced."""
         at = self._positions(cursor, lock=True)[view.name]
         event_time = None
         if position:
@@ -194,9 +201,9 @@ class ProjectionRunner:
         cursor.execute(f"UPDATE {REGISTRY} SET generation = ?, position = ?, updated_at = ?, event_time = ?, "
                        f"building = NULL, building_position = NULL WHERE name = ?",
                        (building, position, time.time(), event_time, view.name))
-        self._drop(cursor, view, at.generation)
         log.info("view %s: generation %d replaced generation %d at position %d", view.name, building,
                  at.generation, position)
+        return at.generation
 
     def _drop(self, cursor: Cursor, view: View, generation: int) -> None:
         for base in view.tables:

@@ -125,8 +125,9 @@ class TasksView:
             old: str = row["state"]
             key: tuple[str, str] = (row["tenant"], row["queue"])
             if isinstance(event, TaskStarted):
+                if old == "ready":  # a takeover of a started task waited for no queue
+                    _observe(durations, "queue_wait", key, ts - row["ready_at"])
                 row.update(state="started", attempts=event.attempt, worker=event.worker, started_at=ts)
-                _observe(durations, "queue_wait", key, ts - row["ready_at"])
             elif isinstance(event, TaskSucceeded):
                 row.update(state="succeeded", finished_at=ts, result=json.dumps(event.result))
                 _observe(durations, "run", key, ts - (row["started_at"] or ts))
@@ -181,7 +182,9 @@ class TasksView:
         cursor.executemany(
             f"INSERT INTO {counts_table} (tenant, queue, state, count) VALUES (?, ?, ?, ?) "
             f"ON CONFLICT (tenant, queue, state) DO UPDATE SET count = {counts_table}.count + excluded.count",
-            [(*key, delta) for key, delta in sorted(counts.items()) if delta],
+            # Every key the batch touched, zero deltas too: whether a row holds 0 or is missing must
+            # not depend on where the batches split (a rebuild would differ from the live view).
+            [(*key, delta) for key, delta in sorted(counts.items())],
         )
         outcomes_table = table("outcomes", generation)
         cursor.executemany(

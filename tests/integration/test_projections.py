@@ -171,12 +171,6 @@ async def test_catches_up_then_follows_the_log_live(durable_store_url: str, data
 
 def test_queries_keep_answering_with_consistent_totals_during_a_rebuild(
         durable_store_url: str, store: EventStore, database: ViewDatabase, request: pytest.FixtureRequest) -> None:
-    if durable_store_url.startswith("postgresql"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG projections/runner.py:197 (_swap drops the old tables in the swap's transaction) with "
-            "projections/queries.py:70 (a query reads the generation, then its tables, in separate READ "
-            "COMMITTED statements): on PostgreSQL a query during the swap fails with 'relation "
-            "\"bq_queue_counts_gN\" does not exist' or a deadlock, and the rebuild itself can die of the deadlock")))
     generated = generate(2500)
     append_in_groups(store, generated.events)
     runner = ProjectionRunner(store, database)

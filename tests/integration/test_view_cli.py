@@ -238,10 +238,6 @@ def test_a_bad_command_line_is_refused_by_the_parser(told: Told, argv: list[str]
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG projections/queries.py:57: before `projections run` has ever run, bq_views does not exist, so the "
-    "query fails on the missing table ('error: view database unavailable: no such table: bq_views', a "
-    "StoreUnavailable that says retry) instead of _generation's message telling to run `broker-q projections run`"))
 def test_querying_views_that_were_never_built_says_what_to_do(sqlite_url: str) -> None:
     store = open_store(sqlite_url)
     store.close()
