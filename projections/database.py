@@ -105,6 +105,7 @@ class _Adapted:
 
 
 _PLACEHOLDER = re.compile(r"\?")
+_CACHE_KIB = 65536
 _MEMORY_DATABASES: dict[str, tuple[sqlite3.Connection, threading.RLock]] = {}
 _MEMORY_LOCK = threading.Lock()
 
@@ -134,6 +135,9 @@ def open_view_database(store_url: str) -> ViewDatabase:
             # together: after a power loss the views may be a few batches behind, never wrong. So
             # commits need not wait for the disk (one fsync per batch was a seventh of a catch-up).
             connection.execute("PRAGMA synchronous=NORMAL")
+            # Task ids are random, so upserts into a large tasks table touch pages all over it: a
+            # page cache of a fixed 64 MiB (not growing with the log) kept a 1M-event catch-up fast.
+            connection.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             return connection
 
         return ViewDatabase("sqlite", connect_sqlite)
