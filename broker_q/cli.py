@@ -28,8 +28,11 @@ EXIT_TASK_FAILED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    options = parser.parse_args(argv)
+    return execute(_parser().parse_args(argv))
+
+
+def execute(options: argparse.Namespace) -> int:
+    """Run the command chosen on the command line; a broker_q error is one line and an exit code."""
     try:
         result: int = options.command(options)
         return result

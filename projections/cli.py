@@ -19,14 +19,13 @@ from typing import Any
 
 from broker_q.app import App
 from broker_q.domain.task import TaskState, TaskStatus
-from broker_q.errors import BrokerQError, ValidationError
+from broker_q.errors import ValidationError
 from broker_q.rendering import status_view
 from broker_q.store.port import EventStore, Recorded
 from projections.replay import EVENT_TYPES, Timeline, details, events, queue_counts_at, task_state_at, timeline
 
 __all__ = ["add_commands", "main"]
 
-EXIT_ERROR = 1
 
 _DETAIL_WIDTH = 60
 """The longest value the text tables show in full; ``--json`` shows everything."""
@@ -82,13 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projections.cli", description="broker_q replay queries")
     parser.add_argument("--store", help="event store URL (default: $BROKER_Q_STORE or sqlite:///broker_q.sqlite)")
     add_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
-    options = parser.parse_args(argv)
-    try:
-        result: int = options.command(options)
-        return result
-    except BrokerQError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    from broker_q.cli import execute
+
+    return execute(parser.parse_args(argv))
 
 
 # -- commands -----------------------------------------------------------------------------------
