@@ -19,7 +19,7 @@ from broker_q.errors import StoreError, ValidationError
 from broker_q.store.port import EventStore
 from projections.database import Cursor, ViewDatabase
 from projections.runner import REGISTRY
-from projections.views import DEAD_STATES, table
+from projections.views import DEAD_STATES, table, task_key
 
 __all__ = [
     "AuditQuery",
@@ -228,8 +228,9 @@ def audit(database: ViewDatabase, query: AuditQuery, *, limit: int = 100, after:
             conditions.append(f"{column} = ?")
             params.append(value)
     if query.task:
-        conditions.append("task_id = ?")
-        params.append(_task_key(query.task))
+        key = _task_key(query.task)
+        conditions += ["task_key = ?", "task_id = ?"]
+        params += [task_key(uuid.UUID(key)), key]
     if query.types:
         conditions.append(f"type IN ({', '.join('?' * len(query.types))})")
         params += list(query.types)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
@@ -32,7 +33,7 @@ from broker_q.domain.events import (
 from broker_q.store.port import Recorded
 from projections.database import Cursor
 
-__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "AuditView", "TasksView", "View", "table"]
+__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "AuditView", "TasksView", "View", "table", "task_key"]
 
 BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                               300.0, 1800.0)
@@ -209,7 +210,18 @@ def _observe(durations: dict[tuple[str, str, str, int], list[float]], metric: st
     cell[1] += seconds
 
 
-_AUDIT_COLUMNS = ("position", "time", "tenant", "actor", "stream_id", "task_id", "type", "summary")
+_AUDIT_COLUMNS = ("position", "time", "tenant", "actor", "stream_id", "task_id", "type", "summary", "task_key")
+
+
+def task_key(task_id: uuid.UUID) -> int:
+    """The audit's index key of a task: its id's first 64 bits, as a signed integer.
+
+    Indexing the 32-character ids themselves made the index four times larger, and since ids are
+    random each insert touched a page of it anywhere: at a million events that index alone cost a
+    third of the audit view's time. Queries match the full id as well, so a collision of keys can
+    only cost a row read, never a wrong answer.
+    """
+    return (task_id.int >> 64) - (1 << 63)
 
 
 class AuditView:
@@ -223,16 +235,18 @@ class AuditView:
         audit = table("audit", generation)
         cursor.execute(f"""CREATE TABLE IF NOT EXISTS {audit} (
             position BIGINT PRIMARY KEY, time {real} NOT NULL, tenant TEXT NOT NULL, actor TEXT NOT NULL,
-            stream_id TEXT NOT NULL, task_id TEXT, type TEXT NOT NULL, summary TEXT NOT NULL)""")
+            stream_id TEXT NOT NULL, task_id TEXT, type TEXT NOT NULL, summary TEXT NOT NULL, task_key BIGINT)""")
         for name, columns in (("time", "time"), ("tenant", "tenant, time"), ("actor", "actor, time"),
-                              ("task", "task_id, position"), ("type", "type, time")):
+                              ("task", "task_key"), ("type", "type, time")):
             cursor.execute(f"CREATE INDEX IF NOT EXISTS {audit}_by_{name} ON {audit} ({columns})")
 
     def apply(self, cursor: Cursor, generation: int, batch: Sequence[Recorded]) -> None:
         cursor.executemany(
-            f"INSERT INTO {table('audit', generation)} ({', '.join(_AUDIT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO {table('audit', generation)} ({', '.join(_AUDIT_COLUMNS)}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(r.position, r.event.timestamp.timestamp(), r.event.tenant, r.event.actor, r.event.stream_id.hex,
-              r.event.stream_id.hex if isinstance(r.event, TaskEvent) else None, r.event.TYPE, summary(r.event))
+              *((r.event.stream_id.hex, r.event.TYPE, summary(r.event), task_key(r.event.stream_id))
+                if isinstance(r.event, TaskEvent) else (None, r.event.TYPE, summary(r.event), None)))
              for r in batch],
         )
 
