@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from eventsourcing.persistence import (
@@ -32,6 +32,9 @@ from broker_q.codec import decode_event, encode_event
 from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
 from broker_q.store.port import AppendResult, Recorded
+
+if TYPE_CHECKING:
+    from broker_q.store.notify import CommitSignal
 
 __all__ = ["RecorderEventStore", "open_store", "store_environment"]
 
@@ -86,12 +89,12 @@ def open_store(url: str) -> RecorderEventStore:
     with _translated():
         factory: InfrastructureFactory[Any] = InfrastructureFactory.construct(Environment(APP_NAME, env))
         recorder = factory.process_recorder()
-    on_commit = None
+    signal = None
     if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
         from broker_q.store.notify import CommitSignal
 
-        on_commit = CommitSignal(env["SQLITE_DBNAME"]).send
-    return RecorderEventStore(factory, recorder, on_commit)
+        signal = CommitSignal(env["SQLITE_DBNAME"])
+    return RecorderEventStore(factory, recorder, signal)
 
 
 def _ensure_schema(env: dict[str, str]) -> None:
@@ -134,11 +137,12 @@ class RecorderEventStore:
         self,
         factory: InfrastructureFactory[Any],
         recorder: ProcessRecorder,
-        on_commit: Callable[[], None] | None = None,
+        commit_signal: CommitSignal | None = None,
     ) -> None:
         self._factory = factory  # keeps the connection pool alive as long as the store
         self._recorder = recorder
-        self._on_commit = on_commit
+        self._commit_signal = commit_signal
+        """Tells followers of an SQLite store that a transaction committed (see broker_q.store.notify)."""
 
     def append(self, events: Sequence[Event]) -> list[int]:
         return self._insert([StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events])
@@ -146,8 +150,8 @@ class RecorderEventStore:
     def _insert(self, stored: Sequence[StoredEvent]) -> list[int]:
         with _translated():
             positions = self._recorder.insert_events(stored)
-        if self._on_commit is not None:
-            self._on_commit()
+        if self._commit_signal is not None:
+            self._commit_signal.send()
         return list(positions or ())
 
     def append_groups(self, groups: Sequence[Sequence[Event]]) -> list[AppendResult]:
@@ -219,9 +223,8 @@ class RecorderEventStore:
 
     def close(self) -> None:
         self._factory.close()
-        close_signal = getattr(self._on_commit, "__self__", None)
-        if close_signal is not None and hasattr(close_signal, "close"):
-            close_signal.close()
+        if self._commit_signal is not None:
+            self._commit_signal.close()
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
