@@ -106,6 +106,7 @@ class _Adapted:
 
 _PLACEHOLDER = re.compile(r"\?")
 _CACHE_KIB = 65536
+_CHECKPOINT_PAGES = 20000
 _MEMORY_DATABASES: dict[str, tuple[sqlite3.Connection, threading.RLock]] = {}
 _MEMORY_LOCK = threading.Lock()
 
@@ -138,6 +139,11 @@ def open_view_database(store_url: str) -> ViewDatabase:
             # Task ids are random, so upserts into a large tasks table touch pages all over it: a
             # page cache of a fixed 64 MiB (not growing with the log) kept a 1M-event catch-up fast.
             connection.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+            # A checkpoint copies the pages of the write-ahead log back into the file. The default
+            # (every 1,000 pages) made the catch-up's commits write each index page again and again;
+            # every 20,000 pages (80 MiB) halved their cost, and the log is cut back after each.
+            connection.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+            connection.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_PAGES * 4096}")
             return connection
 
         return ViewDatabase("sqlite", connect_sqlite)

@@ -232,9 +232,11 @@ class AuditView:
 
     def create(self, cursor: Cursor, generation: int, dialect: str) -> None:
         real = "DOUBLE PRECISION" if dialect == "postgres" else "REAL"
+        # On SQLite only INTEGER PRIMARY KEY names the rowid itself; BIGINT would add an index.
+        key = "BIGINT" if dialect == "postgres" else "INTEGER"
         audit = table("audit", generation)
         cursor.execute(f"""CREATE TABLE IF NOT EXISTS {audit} (
-            position BIGINT PRIMARY KEY, time {real} NOT NULL, tenant TEXT NOT NULL, actor TEXT NOT NULL,
+            position {key} PRIMARY KEY, time {real} NOT NULL, tenant TEXT NOT NULL, actor TEXT NOT NULL,
             stream_id TEXT NOT NULL, task_id TEXT, type TEXT NOT NULL, summary TEXT NOT NULL, task_key BIGINT)""")
         for name, columns in (("time", "time"), ("tenant", "tenant, time"), ("actor", "actor, time"),
                               ("task", "task_key"), ("type", "type, time")):
