@@ -343,7 +343,7 @@ class TaskHandle(Generic[R]):
         if state.status is TaskStatus.SUCCEEDED:
             result: R = state.result
             return lambda: result
-        if state.status is TaskStatus.FAILED:
+        if state.status is TaskStatus.DEAD_LETTERED:
             error = TaskFailed(str(self.id), state.error_type or "Error", state.error or "", state.traceback)
             return functools.partial(_raise, error)
         if state.status is TaskStatus.CANCELLED:

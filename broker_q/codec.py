@@ -24,6 +24,18 @@ _SKIP = frozenset({"stream_id", "version"})
 _FIELDS: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _SKIP) for cls in TOPICS.values()
 }
+_COMMON = frozenset({"timestamp", "correlation_id", "causation_id"})
+_TIMES: dict[type[Event], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _COMMON and "datetime" in str(f.type))
+    for cls in TOPICS.values()
+}
+"""Per class, the fields besides ``timestamp`` that JSON holds as ISO 8601 text (``due_at``...)."""
+_IDS: dict[type[Event], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)
+               if f.name not in _COMMON and f.name not in _SKIP and "UUID" in str(f.type))
+    for cls in TOPICS.values()
+}
+"""Per class, the fields besides the common ids that JSON holds as UUID text (``task_id``...)."""
 
 
 def check_json(value: Any, where: str = "value") -> None:
@@ -114,6 +126,12 @@ def decode_event(stream_id: uuid.UUID, version: int, topic: str, state: bytes) -
         causation = data.get("causation_id")
         if causation is not None:
             data["causation_id"] = parse_uuid(causation)
+        for name in _TIMES[cls]:
+            if data.get(name) is not None:
+                data[name] = datetime.fromisoformat(data[name])
+        for name in _IDS[cls]:
+            if data.get(name) is not None:
+                data[name] = parse_uuid(data[name])
         return cls(stream_id=stream_id, version=version, **data)
     except (KeyError, TypeError, ValueError) as e:
         raise ValidationError(f"stored event {stream_id} v{version} ({topic}) cannot be read: {e}") from e

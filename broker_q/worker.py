@@ -44,7 +44,7 @@ from broker_q.codec import check_json
 from broker_q.domain.events import IngressRejected, TaskEvent, TaskStarted
 from broker_q.domain.task import (
     TaskStatus,
-    failed_event,
+    dead_lettered_event,
     replay,
     start,
     started_event,
@@ -300,7 +300,7 @@ class Worker:
         return succeeded_event(work.id, version, work.tenant, self.id, work.correlation_id, result, _now())
 
     def _failed(self, work: WorkMessage, version: int, error: Exception, prefix: str = "") -> TaskEvent:
-        return failed_event(work.id, version, work.tenant, self.id, work.correlation_id, type(error).__name__,
+        return dead_lettered_event(work.id, version, work.tenant, self.id, work.correlation_id, type(error).__name__,
                             prefix + str(error), traceback.format_exc(), _now())
 
     # -- ingress ------------------------------------------------------------------------------

@@ -27,11 +27,19 @@ from typing import Any, ClassVar
 
 __all__ = [
     "TOPICS",
+    "BreakerClosed",
+    "BreakerEvent",
+    "BreakerFailureRecorded",
+    "BreakerOpened",
+    "BreakerProbeStarted",
     "Event",
     "IngressRejected",
     "TaskCancelled",
+    "TaskDeadLettered",
+    "TaskDeferred",
     "TaskEvent",
-    "TaskFailed",
+    "TaskReplayed",
+    "TaskRetryScheduled",
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
@@ -89,6 +97,12 @@ class TaskSubmitted(TaskEvent):
     kwargs: dict[str, Any] = field(default_factory=dict)
     priority: int = 5
     idempotency_key: str | None = None
+    max_attempts: int | None = None
+    """Overrides the task's retry policy for this task: attempts in all, the first included."""
+    time_limit: float | None = None
+    """Overrides the task's hard time limit (seconds) for this task."""
+    soft_time_limit: float | None = None
+    """Overrides the task's soft time limit (seconds) for this task."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,15 +127,63 @@ class TaskSucceeded(TaskEvent):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TaskFailed(TaskEvent):
-    """The running attempt raised, or could not be run; the task will not run again by itself."""
+class TaskRetryScheduled(TaskEvent):
+    """The running attempt failed (or timed out) and the task will run again at ``due_at``.
 
-    TOPIC = "broker_q.task.failed"
-    TYPE = "failed"
+    One event, not a failure and then a schedule: it carries the attempt's error. Until ``due_at``
+    the task waits in the store, not in any queue or worker; the scheduler publishes it when due.
+    """
+
+    TOPIC = "broker_q.task.retry_scheduled"
+    TYPE = "retry_scheduled"
+
+    due_at: datetime
+    error_type: str
+    message: str
+    traceback: str | None = None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskDeadLettered(TaskEvent):
+    """The running attempt failed and the task will not run again by itself: its last attempt, or an
+    error that is not retried. It stays a dead letter until someone replays it."""
+
+    TOPIC = "broker_q.task.dead_lettered"
+    TYPE = "dead_lettered"
 
     error_type: str
     message: str
     traceback: str | None = None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskDeferred(TaskEvent):
+    """The task was not started and will be offered again at ``due_at``; no attempt was spent
+    (its service's circuit breaker was open, say)."""
+
+    TOPIC = "broker_q.task.deferred"
+    TYPE = "deferred"
+
+    due_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskReplayed(TaskEvent):
+    """A dead letter was sent to run again by ``actor``, for ``reason``; it is ready at once.
+
+    ``args`` and ``kwargs`` are set when the replay changed them (what is run from now on); the
+    retry budget starts again from the next attempt.
+    """
+
+    TOPIC = "broker_q.task.replayed"
+    TYPE = "replayed"
+
+    reason: str
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,8 +214,63 @@ class IngressRejected(Event):
     sha256: str
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerEvent(Event):
+    """An event of a circuit breaker's stream: one stream per downstream service, shared by all workers."""
+
+    service: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerFailureRecorded(BreakerEvent):
+    """A task of the service failed while the breaker was closed."""
+
+    TOPIC = "broker_q.breaker.failure_recorded"
+    TYPE = "breaker_failure"
+
+    task_id: uuid.UUID
+    error_type: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerOpened(BreakerEvent):
+    """The breaker opened: the service's tasks wait until ``until`` (forever if None, until closed by hand)."""
+
+    TOPIC = "broker_q.breaker.opened"
+    TYPE = "breaker_opened"
+
+    until: datetime | None
+    reason: str
+    forced: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerProbeStarted(BreakerEvent):
+    """The breaker is half open and one task, ``task_id``, runs as the probe (until ``until`` at most)."""
+
+    TOPIC = "broker_q.breaker.probe_started"
+    TYPE = "breaker_probe"
+
+    task_id: uuid.UUID
+    until: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerClosed(BreakerEvent):
+    """The breaker closed: the probe succeeded, or an operator closed it."""
+
+    TOPIC = "broker_q.breaker.closed"
+    TYPE = "breaker_closed"
+
+    reason: str
+    forced: bool = False
+
+
 TOPICS: dict[str, type[Event]] = {
     cls.TOPIC: cls
-    for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskFailed, TaskCancelled, IngressRejected)
+    for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskRetryScheduled, TaskDeadLettered, TaskDeferred,
+                TaskReplayed, TaskCancelled, IngressRejected, BreakerFailureRecorded, BreakerOpened,
+                BreakerProbeStarted, BreakerClosed)
 }
+TOPICS["broker_q.task.failed"] = TaskDeadLettered  # its name before retries existed
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

@@ -6,11 +6,17 @@ a database; the caller passes ``now`` and appends the event with the expected ve
 ``state.version + 1``. :func:`evolve` applies an event to a state and refuses any event that the
 commands could not have produced, so a replay of stored events can never build an illegal state.
 
-Lifecycle (states are lowercase words)::
+Lifecycle (states are lowercase words; each arrow is one event)::
 
-    submit ─> ready ─> started ─┬─> succeeded
-                 │              └─> failed
-                 └──────────────┴─> cancelled   (from any state that is not final)
+    submit ─> ready ──> started ─┬─> succeeded
+               ^  │      ^       ├─> retry_scheduled(due) ──┐   (started again when due)
+               │  │      └───────┼──────────────────────────┘
+               │  └─> deferred(due) ─> started               (no attempt spent)
+               │                 └─> dead_lettered ─> replayed ─> ready
+               └───────────────────────────────────────────┘
+    cancelled: from any state that is not final (a running task is asked to stop)
+
+``succeeded`` and ``cancelled`` are final. ``dead_lettered`` is final until someone replays it.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from typing import Any
 
 from broker_q.domain.events import (
     TaskCancelled,
+    TaskDeadLettered,
+    TaskDeferred,
     TaskEvent,
-    TaskFailed,
+    TaskReplayed,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
@@ -37,15 +46,24 @@ from broker_q.errors import DomainError
 __all__ = [
     "FINAL_STATES",
     "MAX_PRIORITY",
+    "STARTABLE_STATES",
+    "WAITING_STATES",
     "TaskState",
     "TaskStatus",
     "cancel",
+    "dead_letter",
+    "dead_lettered_event",
+    "defer",
     "evolve",
-    "fail",
     "replay",
+    "replay_dead_letter",
+    "retry",
+    "retry_scheduled_event",
     "start",
+    "started_event",
     "submit",
     "succeed",
+    "succeeded_event",
     "task_id_for",
 ]
 
@@ -69,12 +87,19 @@ def task_id_for(tenant: str, idempotency_key: str | None) -> uuid.UUID:
 class TaskStatus(StrEnum):
     READY = "ready"
     STARTED = "started"
+    RETRY_SCHEDULED = "retry_scheduled"
+    DEFERRED = "deferred"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
     CANCELLED = "cancelled"
 
 
-FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED})
+"""States the task leaves only by an operator's hand (a dead letter's replay), if at all."""
+WAITING_STATES = frozenset({TaskStatus.RETRY_SCHEDULED, TaskStatus.DEFERRED})
+"""States of a task that the scheduler will offer again at its ``due_at``."""
+STARTABLE_STATES = frozenset({TaskStatus.READY, TaskStatus.STARTED, *WAITING_STATES})
+"""States a ``started`` may follow (``started`` itself: a takeover from a lost worker)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +118,25 @@ class TaskState:
     correlation_id: uuid.UUID
     idempotency_key: str | None
     submitted_at: datetime
+    max_attempts: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
     attempts: int = 0
+    first_attempt: int = 1
+    """The attempt the retry budget counts from: 1, or the one after a replay."""
     worker: str | None = None
+    ready_at: datetime | None = None
+    """When the task last became ready (submitted, replayed) or is due again (retry, deferral)."""
+    due_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     result: Any = None
     error_type: str | None = None
     error: str | None = None
     traceback: str | None = None
+    timed_out: bool = False
     cancel_reason: str | None = None
+    replays: int = 0
 
     @property
     def is_final(self) -> bool:
@@ -122,6 +157,9 @@ def submit(
     correlation_id: uuid.UUID | None = None,
     causation_id: uuid.UUID | None = None,
     idempotency_key: str | None = None,
+    max_attempts: int | None = None,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
 ) -> TaskSubmitted:
     """Decide the first event of a new task."""
     if not _NAME.fullmatch(task):
@@ -132,6 +170,7 @@ def submit(
         raise DomainError(f"tenant {tenant!r} is not a tenant name (lowercase letters, digits, '_' and '-')")
     if not 0 <= priority <= MAX_PRIORITY:
         raise DomainError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
+    check_limits(max_attempts=max_attempts, time_limit=time_limit, soft_time_limit=soft_time_limit)
     return TaskSubmitted(
         stream_id=task_id,
         version=1,
@@ -146,12 +185,26 @@ def submit(
         kwargs=kwargs,
         priority=priority,
         idempotency_key=idempotency_key,
+        max_attempts=max_attempts,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
     )
 
 
+def check_limits(*, max_attempts: int | None, time_limit: float | None, soft_time_limit: float | None) -> None:
+    """Refuse retry and time-limit options that cannot mean anything."""
+    if max_attempts is not None and not 1 <= max_attempts <= 1000:
+        raise DomainError(f"max_attempts must be between 1 and 1000, got {max_attempts}")
+    for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+        if value is not None and not 0 < value <= 86400 * 7:
+            raise DomainError(f"{name} must be a number of seconds above 0 and at most a week, got {value}")
+    if time_limit is not None and soft_time_limit is not None and soft_time_limit > time_limit:
+        raise DomainError(f"soft_time_limit ({soft_time_limit}s) must not be over time_limit ({time_limit}s)")
+
+
 def start(state: TaskState, *, worker: str, now: datetime) -> TaskStarted:
-    """Begin the next attempt: from ``ready``, or take over an attempt whose worker was lost."""
-    if state.status not in (TaskStatus.READY, TaskStatus.STARTED):
+    """Begin the next attempt: when ready or due, or take over an attempt whose worker was lost."""
+    if state.status not in STARTABLE_STATES:
         raise DomainError(f"task {state.task_id} is {state.status}: it cannot start")
     return started_event(
         task_id=state.task_id,
@@ -216,38 +269,83 @@ def succeeded_event(
     )
 
 
-def fail(state: TaskState, *, error_type: str, message: str, traceback: str | None, now: datetime) -> TaskFailed:
-    _require_started(state, "fail")
-    return failed_event(state.task_id, state.version + 1, state.tenant, state.worker or "", state.correlation_id,
-                        error_type, message, traceback, now)
+def retry(state: TaskState, *, due_at: datetime, error_type: str, message: str, traceback: str | None,
+          timed_out: bool = False, now: datetime) -> TaskRetryScheduled:
+    """The running attempt failed and the task runs again at ``due_at``."""
+    _require_started(state, "be retried")
+    return retry_scheduled_event(state.task_id, state.version + 1, state.tenant, state.worker or "",
+                                 state.correlation_id, due_at, error_type, message, traceback, now, timed_out=timed_out)
 
 
-def failed_event(
-    task_id: uuid.UUID,
-    version: int,
-    tenant: str,
-    worker: str,
-    correlation_id: uuid.UUID,
-    error_type: str,
-    message: str,
-    traceback: str | None,
+def retry_scheduled_event(
+    task_id: uuid.UUID, version: int, tenant: str, worker: str, correlation_id: uuid.UUID, due_at: datetime,
+    error_type: str, message: str, traceback: str | None, now: datetime, *, timed_out: bool = False,
+) -> TaskRetryScheduled:
+    """The retry of the attempt that this worker started at ``version - 1``."""
+    if due_at < now:
+        raise DomainError(f"a retry cannot be due before it is scheduled ({due_at} < {now})")
+    return TaskRetryScheduled(
+        stream_id=task_id, version=version, timestamp=now, tenant=tenant, actor=worker,
+        correlation_id=correlation_id, causation_id=_previous_event_id(task_id, version), due_at=due_at,
+        error_type=error_type, message=message, traceback=traceback, timed_out=timed_out,
+    )
+
+
+def dead_letter(state: TaskState, *, error_type: str, message: str, traceback: str | None,
+                timed_out: bool = False, now: datetime) -> TaskDeadLettered:
+    """The running attempt failed and the task will not run again by itself."""
+    _require_started(state, "be dead-lettered")
+    return dead_lettered_event(state.task_id, state.version + 1, state.tenant, state.worker or "",
+                               state.correlation_id, error_type, message, traceback, now, timed_out=timed_out)
+
+
+def dead_lettered_event(
+    task_id: uuid.UUID, version: int, tenant: str, worker: str, correlation_id: uuid.UUID, error_type: str,
+    message: str, traceback: str | None, now: datetime, *, timed_out: bool = False,
+) -> TaskDeadLettered:
+    """The final failure of the attempt that this worker started at ``version - 1``."""
+    return TaskDeadLettered(
+        stream_id=task_id, version=version, timestamp=now, tenant=tenant, actor=worker,
+        correlation_id=correlation_id, causation_id=_previous_event_id(task_id, version), error_type=error_type,
+        message=message, traceback=traceback, timed_out=timed_out,
+    )
+
+
+def defer(state: TaskState, *, due_at: datetime, reason: str, actor: str, now: datetime) -> TaskDeferred:
+    """Offer the task again at ``due_at`` without starting it (no attempt is spent)."""
+    if state.status not in (TaskStatus.READY, *WAITING_STATES):
+        raise DomainError(f"task {state.task_id} is {state.status}: only a task waiting to start can be deferred")
+    if due_at < now:
+        raise DomainError(f"a deferral cannot be due before it is decided ({due_at} < {now})")
+    return TaskDeferred(
+        stream_id=state.task_id, version=state.version + 1, timestamp=now, tenant=state.tenant, actor=actor,
+        correlation_id=state.correlation_id, causation_id=_previous_event_id(state.task_id, state.version + 1),
+        due_at=due_at, reason=reason,
+    )
+
+
+def replay_dead_letter(
+    state: TaskState,
+    *,
+    reason: str,
+    actor: str,
     now: datetime,
-) -> TaskFailed:
-    return TaskFailed(
-        stream_id=task_id,
-        version=version,
-        timestamp=now,
-        tenant=tenant,
-        actor=worker,
-        correlation_id=correlation_id,
-        causation_id=_previous_event_id(task_id, version),
-        error_type=error_type,
-        message=message,
-        traceback=traceback,
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> TaskReplayed:
+    """Send a dead letter to run again; ``args``/``kwargs``, when given, replace the task's own."""
+    if state.status is not TaskStatus.DEAD_LETTERED:
+        raise DomainError(f"task {state.task_id} is {state.status}: only a dead letter can be replayed")
+    if not reason.strip():
+        raise DomainError("a replay needs a reason (it is kept in the task's history)")
+    return TaskReplayed(
+        stream_id=state.task_id, version=state.version + 1, timestamp=now, tenant=state.tenant, actor=actor,
+        correlation_id=state.correlation_id, reason=reason, args=args, kwargs=kwargs,
     )
 
 
 def cancel(state: TaskState, *, reason: str, actor: str, now: datetime) -> TaskCancelled:
+    """Stop the task for good: it never starts again, and a running attempt is asked to stop."""
     if state.is_final:
         raise DomainError(f"task {state.task_id} is {state.status}: it cannot be cancelled")
     return TaskCancelled(
@@ -288,6 +386,10 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             correlation_id=event.correlation_id,
             idempotency_key=event.idempotency_key,
             submitted_at=event.timestamp,
+            max_attempts=event.max_attempts,
+            time_limit=event.time_limit,
+            soft_time_limit=event.soft_time_limit,
+            ready_at=event.timestamp,
         )
     if event.stream_id != state.task_id or event.version != state.version + 1:
         raise DomainError(
@@ -296,25 +398,43 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
         )
     match event:
         case TaskStarted():
-            if state.status not in (TaskStatus.READY, TaskStatus.STARTED):
+            if state.status not in STARTABLE_STATES:
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot start")
             if event.attempt != state.attempts + 1:
                 raise DomainError(f"attempt {event.attempt} does not follow attempt {state.attempts}")
             return replace(state, version=event.version, status=TaskStatus.STARTED, attempts=event.attempt,
-                           worker=event.worker, started_at=event.timestamp)
+                           worker=event.worker, started_at=event.timestamp, due_at=None)
         case TaskSucceeded():
             _require_started(state, "succeed")
             return replace(state, version=event.version, status=TaskStatus.SUCCEEDED, result=event.result,
                            finished_at=event.timestamp)
-        case TaskFailed():
-            _require_started(state, "fail")
-            return replace(state, version=event.version, status=TaskStatus.FAILED, error_type=event.error_type,
-                           error=event.message, traceback=event.traceback, finished_at=event.timestamp)
+        case TaskRetryScheduled():
+            _require_started(state, "be retried")
+            return replace(state, version=event.version, status=TaskStatus.RETRY_SCHEDULED, due_at=event.due_at,
+                           ready_at=event.due_at, error_type=event.error_type, error=event.message,
+                           traceback=event.traceback, timed_out=event.timed_out)
+        case TaskDeadLettered():
+            _require_started(state, "be dead-lettered")
+            return replace(state, version=event.version, status=TaskStatus.DEAD_LETTERED,
+                           error_type=event.error_type, error=event.message, traceback=event.traceback,
+                           timed_out=event.timed_out, finished_at=event.timestamp)
+        case TaskDeferred():
+            if state.status not in (TaskStatus.READY, *WAITING_STATES):
+                raise DomainError(f"task {state.task_id} is {state.status}: it cannot be deferred")
+            return replace(state, version=event.version, status=TaskStatus.DEFERRED, due_at=event.due_at,
+                           ready_at=event.due_at)
+        case TaskReplayed():
+            if state.status is not TaskStatus.DEAD_LETTERED:
+                raise DomainError(f"task {state.task_id} is {state.status}: it cannot be replayed")
+            return replace(state, version=event.version, status=TaskStatus.READY, first_attempt=state.attempts + 1,
+                           ready_at=event.timestamp, finished_at=None, replays=state.replays + 1,
+                           args=state.args if event.args is None else event.args,
+                           kwargs=state.kwargs if event.kwargs is None else event.kwargs)
         case TaskCancelled():
             if state.is_final:
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot be cancelled")
             return replace(state, version=event.version, status=TaskStatus.CANCELLED, cancel_reason=event.reason,
-                           finished_at=event.timestamp)
+                           finished_at=event.timestamp, due_at=None)
     raise DomainError(f"{event.TYPE} is not an event of a task's lifecycle")
 
 
