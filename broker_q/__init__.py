@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition, TaskHandle
+    from broker_q.domain.retry import Retry, RetryPolicy
     from broker_q.domain.task import TaskState, TaskStatus
     from broker_q.errors import (
         BrokerQError,
@@ -36,6 +37,8 @@ __all__ = [
     "ConcurrencyConflict",
     "ConfigurationError",
     "DomainError",
+    "Retry",
+    "RetryPolicy",
     "SerializationError",
     "Settings",
     "StoreError",
@@ -57,6 +60,8 @@ _WHERE = {
     "App": "broker_q.app",
     "TaskDefinition": "broker_q.app",
     "TaskHandle": "broker_q.app",
+    "Retry": "broker_q.domain.retry",
+    "RetryPolicy": "broker_q.domain.retry",
     "TaskState": "broker_q.domain.task",
     "TaskStatus": "broker_q.domain.task",
     "Settings": "broker_q.settings",

@@ -17,16 +17,28 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
 
 import pydantic
 
 from broker_q.codec import check_json
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
-from broker_q.domain.task import TaskState, TaskStatus, replay, submit, task_id_for
+from broker_q.domain.retry import RetryPolicy
+from broker_q.domain.task import (
+    TaskState,
+    TaskStatus,
+    cancel,
+    check_limits,
+    evolve,
+    replay,
+    replay_dead_letter,
+    submit,
+    task_id_for,
+)
 from broker_q.errors import (
     ConcurrencyConflict,
     ConfigurationError,
+    DomainError,
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
@@ -95,7 +107,17 @@ class App:
 
     @overload
     def task(
-        self, *, name: str | None = None, queue: str | None = None, priority: int | None = None
+        self,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        retry: RetryPolicy | None = None,
+        max_attempts: int | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        isolation: Literal["thread", "process"] = "thread",
+        service: str | None = None,
     ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
 
     def task(  # type: ignore[misc]  # mypy cannot match ParamSpec overloads of a decorator factory
@@ -106,15 +128,39 @@ class App:
         name: str | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        retry: RetryPolicy | None = None,
+        max_attempts: int | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        isolation: Literal["thread", "process"] = "thread",
+        service: str | None = None,
     ) -> TaskDefinition[P, R] | Callable[[Callable[P, R]], TaskDefinition[P, R]]:
         """Register ``fn`` as a task handler; ``name`` defaults to ``module.qualname``.
 
-        ``async def`` handlers run on the worker's event loop, plain functions in its thread pool.
+        ``async def`` handlers run on the worker's event loop, plain functions in its thread pool
+        (or, with ``isolation="process"``, each call in a process of its own that the hard time
+        limit can kill). ``retry`` says which failures run again and when; ``max_attempts`` is a
+        short form of ``RetryPolicy(max_attempts=...)`` with the default backoff. ``time_limit``
+        and ``soft_time_limit`` are seconds (``docs/time-limits.md``). Tasks that name a
+        ``service`` go through that service's circuit breaker.
         """
+        if retry is not None and max_attempts is not None:
+            raise ConfigurationError("give either retry=RetryPolicy(...) or max_attempts, not both")
+        try:
+            policy = retry or RetryPolicy(max_attempts=max_attempts or 1)
+            check_limits(max_attempts=None, time_limit=time_limit, soft_time_limit=soft_time_limit)
+        except DomainError as e:
+            raise ConfigurationError(str(e)) from e
+        if isolation not in ("thread", "process"):
+            raise ConfigurationError(f"isolation must be 'thread' or 'process', got {isolation!r}")
 
         def register(fn: Callable[P, R]) -> TaskDefinition[P, R]:
             definition = TaskDefinition(self, fn, name=name or f"{fn.__module__}.{fn.__qualname__}", queue=queue,
-                                        priority=priority)
+                                        priority=priority, retry=policy, time_limit=time_limit,
+                                        soft_time_limit=soft_time_limit, isolation=isolation, service=service)
+            if isolation == "process" and definition.is_async:
+                raise ConfigurationError(f"{definition.name}: isolation='process' is for plain functions; "
+                                         "an async handler is cancelled at its limits instead")
             if definition.name in self._tasks:
                 raise ConfigurationError(f"a task named {definition.name!r} is registered already")
             self._tasks[definition.name] = definition
@@ -160,9 +206,16 @@ class App:
         idempotency_key: str | None = None,
         tenant: str | None = None,
         correlation_id: uuid.UUID | None = None,
+        max_attempts: int | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> TaskHandle[Any]:
-        """Record a new task and return its handle. The same ``idempotency_key`` gives the same task."""
-        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id)
+        """Record a new task and return its handle. The same ``idempotency_key`` gives the same task.
+
+        ``max_attempts``, ``time_limit`` and ``soft_time_limit`` override the task's own for this task.
+        """
+        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
+                                _Limits(max_attempts, time_limit, soft_time_limit))
         try:
             self.store.append([event])
         except ConcurrencyConflict:
@@ -181,9 +234,13 @@ class App:
         idempotency_key: str | None = None,
         tenant: str | None = None,
         correlation_id: uuid.UUID | None = None,
+        max_attempts: int | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
-        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id)
+        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
+                                _Limits(max_attempts, time_limit, soft_time_limit))
         try:
             await self._writer().append([event])
         except ConcurrencyConflict:
@@ -208,6 +265,7 @@ class App:
         idempotency_key: str | None,
         tenant: str | None,
         correlation_id: uuid.UUID | None,
+        limits: _Limits,
     ) -> TaskSubmitted:
         definition = self._tasks.get(task)
         args_list, kwargs_dict = list(args), dict(kwargs or {})
@@ -230,7 +288,56 @@ class App:
             now=utcnow(),
             correlation_id=correlation_id,
             idempotency_key=idempotency_key,
+            max_attempts=limits.max_attempts,
+            time_limit=limits.time_limit,
+            soft_time_limit=limits.soft_time_limit,
         )
+
+    # -- operating ----------------------------------------------------------------------------
+
+    def cancel(self, task_id: uuid.UUID | str, *, reason: str = "cancelled", actor: str | None = None) -> TaskState:
+        """Cancel the task: if it has not started it never will; if it runs, it is asked to stop.
+
+        Raises :class:`~broker_q.errors.DomainError` if the task is final already.
+        """
+        return self._decide(task_id, lambda state: cancel(state, reason=reason, actor=actor or self.actor,
+                                                          now=utcnow()))
+
+    def replay_dead_letter(
+        self,
+        task_id: uuid.UUID | str,
+        *,
+        reason: str,
+        actor: str | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> TaskState:
+        """Send a dead letter to run again, recording who, why and what was changed."""
+        def decide(state: TaskState) -> TaskEvent:
+            new_args = None if args is None else list(args)
+            new_kwargs = None if kwargs is None else dict(kwargs)
+            check_json(new_args, "args")
+            check_json(new_kwargs, "kwargs")
+            definition = self._tasks.get(state.task)
+            if definition is not None and (new_args is not None or new_kwargs is not None):
+                definition.check_arguments(state.args if new_args is None else new_args,
+                                           state.kwargs if new_kwargs is None else new_kwargs)
+            return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(), args=new_args,
+                                      kwargs=new_kwargs)
+
+        return self._decide(task_id, decide)
+
+    def _decide(self, task_id: uuid.UUID | str, decide: Callable[[TaskState], TaskEvent]) -> TaskState:
+        """Append what ``decide`` makes of the task's current state; decide again if it changed meanwhile."""
+        for _ in range(10):
+            state = self.get_task(task_id)
+            event = decide(state)
+            try:
+                self.store.append([event])
+            except ConcurrencyConflict:
+                continue
+            return evolve(state, event)
+        raise ConcurrencyConflict(f"task {task_id} kept changing while a decision was made; try again")
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -254,15 +361,39 @@ class App:
         return TaskHandle(self, _as_uuid(task_id))
 
 
+class _Limits(NamedTuple):
+    max_attempts: int | None
+    time_limit: float | None
+    soft_time_limit: float | None
+
+
 class TaskDefinition(Generic[P, R]):
     """A registered handler. Calling it runs the function here; ``delay``/``submit`` record a task."""
 
-    def __init__(self, app: App, fn: Callable[P, R], *, name: str, queue: str | None, priority: int | None) -> None:
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, R],
+        *,
+        name: str,
+        queue: str | None,
+        priority: int | None,
+        retry: RetryPolicy | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        isolation: Literal["thread", "process"] = "thread",
+        service: str | None = None,
+    ) -> None:
         self.app = app
         self.fn = fn
         self.name = name
         self._queue = queue
         self._priority = priority
+        self.retry = retry or RetryPolicy()
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
+        self.isolation = isolation
+        self.service = service
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)

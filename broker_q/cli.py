@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--queue")
     sub.add_argument("--priority", type=int)
     sub.add_argument("--idempotency-key")
+    sub.add_argument("--max-attempts", type=_positive_int, help="attempts in all, overriding the task's own")
+    sub.add_argument("--time-limit", type=float, help="hard time limit in seconds, overriding the task's own")
+    sub.add_argument("--soft-time-limit", type=float, help="soft time limit in seconds, overriding the task's own")
     sub.add_argument("--wait", action="store_true", help="wait for the outcome and print the result as JSON")
     sub.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
 
@@ -91,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("history", _history, "show every event of a task, in order")
     sub.add_argument("id")
     sub.add_argument("--json", action="store_true")
+
+    sub = command("cancel", _cancel, "cancel a task: it never starts, or its running attempt is stopped")
+    sub.add_argument("id")
+    sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
     from projections.cli import add_commands
     from projections.commands import add_view_commands
@@ -148,7 +155,8 @@ def _submit(options: argparse.Namespace) -> int:
     args = _json_arg(options.args, list, "--args")
     kwargs = _json_arg(options.kwargs, dict, "--kwargs")
     handle = app.submit(options.task, args, kwargs, queue=options.queue, priority=options.priority,
-                        idempotency_key=options.idempotency_key)
+                        idempotency_key=options.idempotency_key, max_attempts=options.max_attempts,
+                        time_limit=options.time_limit, soft_time_limit=options.soft_time_limit)
     print(handle.id, flush=True)
     if options.wait:
         print(json.dumps(handle.wait(timeout=options.timeout)))
@@ -177,6 +185,24 @@ def _history(options: argparse.Namespace) -> int:
         details = ", ".join(f"{k}={json.dumps(v)}" for k, v in row["data"].items() if v not in (None, [], {}))
         print(f"{row['time']}  v{row['version']:<3} {row['type']:<10} {row['actor']:<40} {details}")
     return 0
+
+
+def _cancel(options: argparse.Namespace) -> int:
+    state = _app(options).cancel(_as_uuid(options.id), reason=options.reason, actor=operator())
+    print(f"{state.task_id} cancelled at v{state.version}: {state.cancel_reason}")
+    return 0
+
+
+def operator() -> str:
+    """The actor of a command typed by a person: ``operator:<user>@<host>``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"operator:{user}@{socket.gethostname()}"
 
 
 def _worker(options: argparse.Namespace) -> int:

@@ -9,6 +9,12 @@ workers do, by the stream version carried in each work message (see :mod:`broker
 It reads the log when the store signals a change (:mod:`broker_q.store.notify`) and every
 ``poll_interval`` seconds in any case.
 
+It also owns time (the scheduler of design flow 4): a task that waits for a time (a retry's
+backoff, a deferral while its service's breaker is open) becomes a timer in the store
+(:mod:`broker_q.store.timers`), and the relay publishes its work message when it is due. No worker
+holds a message for a delay, so any number of waiting tasks cost the workers nothing and survive
+restarts.
+
 While RabbitMQ is unreachable the relay retries with a capped backoff; the store keeps every event
 meanwhile, so submitting never depends on the broker being up.
 """
@@ -29,10 +35,12 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import Topology
 from broker_q.codec import dumps, encode_event
-from broker_q.domain.events import Event, TaskSubmitted
+from broker_q.domain.events import Event, TaskDeferred, TaskEvent, TaskReplayed, TaskRetryScheduled, TaskSubmitted
+from broker_q.domain.task import TaskState, replay
 from broker_q.store.lease import hold_lease
 from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
+from broker_q.store.timers import Timer
 from broker_q.wire import WORK_MESSAGE_TYPE
 
 __all__ = ["EVENTS_MESSAGE_TYPE", "Relay", "work_message_body"]
@@ -47,13 +55,34 @@ _RECORD_EVERY = 0.1
 _EVENT_JSON = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}'
 
 
+_TIMERS_PER_TICK = 500
+
+
 def work_message_body(event: TaskSubmitted) -> bytes:
     """The :class:`~broker_q.wire.WorkMessage` JSON for a task that became ready with ``event``."""
-    return dumps({
+    message: dict[str, Any] = {
         "id": event.stream_id, "version": event.version, "attempt": 1, "task": event.task, "queue": event.queue,
         "args": event.args, "kwargs": event.kwargs, "priority": event.priority, "tenant": event.tenant,
         "correlation_id": event.correlation_id,
-    })
+    }
+    for name in ("max_attempts", "time_limit", "soft_time_limit"):
+        if getattr(event, name) is not None:
+            message[name] = getattr(event, name)
+    return dumps(message)
+
+
+def work_message_for(state: TaskState) -> bytes:
+    """The work message of a task that is ready (or due) in ``state``: its next attempt."""
+    message: dict[str, Any] = {
+        "id": state.task_id, "version": state.version, "attempt": state.attempts + 1,
+        "first_attempt": state.first_attempt, "task": state.task, "queue": state.queue, "args": state.args,
+        "kwargs": state.kwargs, "priority": state.priority, "tenant": state.tenant,
+        "correlation_id": state.correlation_id,
+    }
+    for name in ("max_attempts", "time_limit", "soft_time_limit"):
+        if getattr(state, name) is not None:
+            message[name] = getattr(state, name)
+    return dumps(message)
 
 
 def event_routing_key(event: Event) -> str:
@@ -89,6 +118,9 @@ class Relay:
         """The position up to which every event is published and confirmed."""
         self.active = asyncio.Event()
         """Set while this relay holds the store's lease and publishes."""
+        self._timers_changed = asyncio.Event()
+        self.timers_published = 0
+        """Work messages of due timers published (and confirmed) by this relay."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set, reconnecting to RabbitMQ and the store as often as needed.
@@ -158,6 +190,7 @@ class Relay:
             self._declared.clear()
             self.position = await asyncio.to_thread(self._store.get_position, self._name)
             log.info("relay %s publishing from position %d", self._name, self.position)
+            scheduler = asyncio.create_task(self._schedule(channel, exchanges["work"], stop))
             read_position = recorded_position = self.position
             recorded_at = time.monotonic()
             while not stop.is_set():
@@ -178,6 +211,8 @@ class Relay:
                     await asyncio.wait([in_flight[0][1]])
                     continue
                 self.wakeup.clear()  # before reading: a commit after the read sets it again
+                if scheduler.done():
+                    scheduler.result()  # the scheduler failed: end this connection, the outer loop retries
                 records = await asyncio.to_thread(self._store.read_log, read_position, self._page_size)
                 if records:
                     page = asyncio.ensure_future(self._publish(channel, exchanges, records))
@@ -199,6 +234,9 @@ class Relay:
                 in_flight.clear()
             if self.position > recorded_position:
                 await asyncio.to_thread(self._store.set_position, self._name, self.position)
+            scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduler
         finally:
             for _, page in in_flight:
                 page.cancel()
@@ -214,6 +252,7 @@ class Relay:
         events_exchange, work_exchange = exchanges["events"], exchanges["work"]
         confirms: list[Awaitable[Any]] = []
         batches: dict[str, list[bytes]] = {}
+        timers: list[Timer] = []
         for record in records:
             event = record.event
             batches.setdefault(event_routing_key(event), []).append(_EVENT_JSON % (
@@ -221,16 +260,25 @@ class Relay:
                 record.data or encode_event(event),
             ))
             if isinstance(event, TaskSubmitted):
-                if event.queue not in self._declared:
-                    # Declaring before publishing means a task can never be routed to nowhere.
-                    await self._topology.declare_queue(channel, event.queue)
-                    self._declared.add(event.queue)
-                confirms.append(work_exchange.publish(
-                    aio_pika.Message(work_message_body(event), delivery_mode=_PERSISTENT, priority=event.priority,
-                                     content_type="application/json", type=WORK_MESSAGE_TYPE,
-                                     message_id=f"{event.stream_id}:{event.version}"),
-                    routing_key=event.queue, mandatory=True,
-                ))
+                await self._declare(channel, event.queue)
+                confirms.append(self._publish_work(work_exchange, work_message_body(event), event.queue,
+                                                   event.priority, f"{event.stream_id}:{event.version}"))
+            elif isinstance(event, (TaskRetryScheduled, TaskDeferred, TaskReplayed)):
+                state = await self._state_at(event)
+                if state is None:
+                    continue
+                if isinstance(event, TaskReplayed):  # ready at once
+                    await self._declare(channel, state.queue)
+                    confirms.append(self._publish_work(work_exchange, work_message_for(state), state.queue,
+                                                       state.priority, f"{state.task_id}:{state.version}"))
+                else:
+                    timers.append(Timer(f"{state.task_id}:{state.version}", event.due_at.timestamp(), state.queue,
+                                        state.priority, work_message_for(state)))
+        if timers:
+            # Stored before the page counts as published: the position never passes a waiting task
+            # whose timer is not on disk.
+            await asyncio.to_thread(self._store.timers.add, timers)
+            self._timers_changed.set()
         for routing_key, bodies in batches.items():
             confirms.append(events_exchange.publish(
                 aio_pika.Message(b"[" + b",".join(bodies) + b"]", delivery_mode=_PERSISTENT,
@@ -242,6 +290,54 @@ class Relay:
         except Exception:
             self._declared.clear()  # the page is published again, after declaring its queues again
             raise
+
+
+    async def _declare(self, channel: AbstractChannel, queue: str) -> None:
+        if queue not in self._declared:
+            # Declaring before publishing means a task can never be routed to nowhere.
+            await self._topology.declare_queue(channel, queue)
+            self._declared.add(queue)
+
+    @staticmethod
+    def _publish_work(exchange: AbstractExchange, body: bytes, queue: str, priority: int,
+                      message_id: str) -> Awaitable[Any]:
+        return exchange.publish(
+            aio_pika.Message(body, delivery_mode=_PERSISTENT, priority=priority, content_type="application/json",
+                             type=WORK_MESSAGE_TYPE, message_id=message_id),
+            routing_key=queue, mandatory=True,
+        )
+
+    async def _state_at(self, event: TaskEvent) -> TaskState | None:
+        """The task as of ``event`` (not as of now: the relay publishes what the event made of it)."""
+        events = await asyncio.to_thread(self._store.read_stream, event.stream_id, to_version=event.version)
+        try:
+            return replay(e for e in events if isinstance(e, TaskEvent))
+        except Exception:
+            log.exception("task %s: its history cannot be replayed; its work message is not published",
+                          event.stream_id)
+            return None
+
+    async def _schedule(self, channel: AbstractChannel, work_exchange: AbstractExchange, stop: asyncio.Event) -> None:
+        """Publish the work message of each timer when it is due, then remove the timer.
+
+        Removal comes after the confirm: a crash in between publishes the message again, which the
+        workers refuse by its version. Due timers go out in pages of at most _TIMERS_PER_TICK.
+        """
+        timers = self._store.timers
+        while not stop.is_set():
+            self._timers_changed.clear()
+            due = await asyncio.to_thread(timers.due, time.time(), _TIMERS_PER_TICK)
+            if due:
+                for timer in due:
+                    await self._declare(channel, timer.queue)
+                await asyncio.gather(*(self._publish_work(work_exchange, t.body, t.queue, t.priority, t.key)
+                                       for t in due))
+                await asyncio.to_thread(timers.remove, [t.key for t in due])
+                self.timers_published += len(due)
+                continue
+            next_due = await asyncio.to_thread(timers.next_due)
+            wait = self._poll_interval * 10 if next_due is None else min(max(next_due - time.time(), 0.0), 1.0)
+            await _wait(stop, wait, self._timers_changed)
 
 
 async def _wait(stop: asyncio.Event, timeout: float, also: asyncio.Event | None = None) -> None:

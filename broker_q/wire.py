@@ -57,6 +57,10 @@ class WorkMessage(BaseModel):
     priority: int
     tenant: str
     correlation_id: uuid.UUID
+    first_attempt: int = Field(default=1, ge=1, description="The attempt the retry budget counts from.")
+    max_attempts: int | None = Field(default=None, description="This task's own attempt budget, if it has one.")
+    time_limit: float | None = Field(default=None, description="This task's own hard time limit, in seconds.")
+    soft_time_limit: float | None = Field(default=None, description="This task's own soft time limit, in seconds.")
 
 
 def envelope_json_schema() -> str:

@@ -15,6 +15,12 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
 - The outcome is appended at the version after ``started``; if something else was recorded
   meanwhile (another worker took over, or the task was cancelled), the outcome is dropped and the
   stream keeps the decisive one.
+- A failed attempt is retried (``retry_scheduled``, with its due time) or dead-lettered, as the
+  task's retry policy says. The worker does not wait for the retry: it acks, and the relay's
+  scheduler publishes the task again when it is due.
+- A cancellation reaches the workers as an event (each worker's presence queue is bound to the
+  events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
+  running sync handler cannot be interrupted, so it runs on and its outcome is dropped.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ import asyncio
 import collections
 import functools
 import hashlib
+import json
 import logging
 import os
+import random
 import socket
 import traceback
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -41,11 +49,14 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
 from broker_q.codec import check_json
-from broker_q.domain.events import IngressRejected, TaskEvent, TaskStarted
+from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted
+from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
+    WAITING_STATES,
     TaskStatus,
     dead_lettered_event,
     replay,
+    retry_scheduled_event,
     start,
     started_event,
     submit,
@@ -101,6 +112,10 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
         """Tasks whose handler runs in this worker now, by task id."""
+        self._handlers: dict[uuid.UUID, asyncio.Future[TaskEvent]] = {}
+        """The running handlers themselves, by task id: what a cancellation cancels."""
+        self._cancelled: collections.OrderedDict[uuid.UUID, None] = collections.OrderedDict()
+        """Recently cancelled tasks (bounded): a cancellation that arrives before its handler starts."""
         self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -115,9 +130,14 @@ class Worker:
             # Exclusive: it exists exactly while this worker is connected (the robust connection
             # declares it again after a reconnection). Other workers look for it before taking
             # over a task this worker started.
-            await channel.declare_queue(self.topology.presence_queue(self.id), exclusive=True, auto_delete=True)
+            presence = await channel.declare_queue(self.topology.presence_queue(self.id), exclusive=True,
+                                                   auto_delete=True)
             self._publish_channel = await connection.channel(publisher_confirms=True)
-            await self.topology.declare_exchanges(channel)
+            exchanges = await self.topology.declare_exchanges(channel)
+            # Cancellations reach every worker through its presence queue (bound again with it
+            # after a reconnection): a worker running the task stops it.
+            await presence.bind(exchanges["events"], routing_key="*.task.cancelled")
+            consumers.append((presence, await presence.consume(self._on_cancellations, no_ack=True)))
             for queue in self.queues:
                 work_queue, ingress_queue = await self.topology.declare_queue(channel, queue)
                 consumers.append((work_queue, await work_queue.consume(self._spawn(self._on_work))))
@@ -220,7 +240,19 @@ class Worker:
         assert current is not None
         self._running[work.id] = current
         try:
-            outcome = await self._execute(self.app.tasks.get(work.task), work, started.version + 1)
+            if work.id in self._cancelled:
+                return True  # cancelled while its ``started`` was being appended: the handler never runs
+            handler = asyncio.ensure_future(self._execute(self.app.tasks.get(work.task), work, started))
+            self._handlers[work.id] = handler
+            try:
+                outcome = await handler
+            except asyncio.CancelledError:
+                if current.cancelling() or work.id not in self._cancelled:
+                    raise  # this worker is stopping: the message goes back to the queue
+                log.info("task %s: cancelled while running", work.id)
+                return True
+            finally:
+                del self._handlers[work.id]
             try:
                 await self._writer.append([outcome])
             except ConcurrencyConflict:
@@ -248,8 +280,8 @@ class Worker:
         if running is not None:
             await asyncio.shield(running)  # a redelivery of a task running here: ack once it is recorded
             return None
-        if state.status is TaskStatus.READY and state.version != work.version:
-            return None  # a stale message: a newer one for this task exists
+        if (state.status is TaskStatus.READY or state.status in WAITING_STATES) and state.version != work.version:
+            return None  # a stale message: a newer one for this task exists (or will, when it is due)
         if state.status is TaskStatus.STARTED and state.worker is not None and await self._is_alive(state.worker):
             return None  # a duplicate: the worker running the task is alive and will record its outcome
         taken = start(state, worker=self.id, now=_now())
@@ -281,27 +313,59 @@ class Worker:
                 await channel.close()
 
     async def _execute(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage,
-                       version: int) -> TaskEvent:
+                       started: TaskStarted) -> TaskEvent:
+        """Run the handler; return the attempt's outcome event (not yet appended)."""
+        version = started.version + 1
         try:
             if definition is None:
                 raise LookupError(f"no handler is registered for task {work.task!r} on {self.id}")
-            if definition.is_async:
-                result = await definition.fn(*work.args, **work.kwargs)
-            else:
-                loop = asyncio.get_running_loop()
-                call = functools.partial(definition.fn, *work.args, **work.kwargs)
-                result = await loop.run_in_executor(self._pool, call)
+            result = await self._call(definition, work)
         except Exception as e:
-            return self._failed(work, version, e)
+            return self._failed(definition, work, version, e, traceback.format_exc())
         try:
             check_json(result, "the result")
         except SerializationError as e:
-            return self._failed(work, version, e, "the result cannot be recorded: ")
+            return self._failed(definition, work, version, e, traceback.format_exc(),
+                                prefix="the result cannot be recorded: ")
         return succeeded_event(work.id, version, work.tenant, self.id, work.correlation_id, result, _now())
 
-    def _failed(self, work: WorkMessage, version: int, error: Exception, prefix: str = "") -> TaskEvent:
+    async def _call(self, definition: TaskDefinition[Any, Any], work: WorkMessage) -> Any:
+        if definition.is_async:
+            return await definition.fn(*work.args, **work.kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(definition.fn, *work.args, **work.kwargs))
+
+    def _failed(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
+                error: Exception, trace: str, *, prefix: str = "", timed_out: bool = False) -> TaskEvent:
+        """A retry or a dead letter, as the task's retry policy decides for ``error``."""
+        policy = definition.retry if definition is not None else RetryPolicy()
+        decision = policy.decide(error, tries=work.attempt - work.first_attempt + 1, draw=random.random(),
+                                 max_attempts=work.max_attempts)
+        now = _now()
+        message = prefix + str(error)
+        if decision.delay is not None:
+            return retry_scheduled_event(work.id, version, work.tenant, self.id, work.correlation_id,
+                                         now + timedelta(seconds=decision.delay), type(error).__name__, message,
+                                         trace, now, timed_out=timed_out)
         return dead_lettered_event(work.id, version, work.tenant, self.id, work.correlation_id, type(error).__name__,
-                            prefix + str(error), traceback.format_exc(), _now())
+                                   message, trace, now, timed_out=timed_out)
+
+    async def _on_cancellations(self, message: AbstractIncomingMessage) -> None:
+        """Events of cancelled tasks (a JSON array, as the relay batches them): stop those running here."""
+        try:
+            records = json.loads(message.body)
+            ids = [uuid.UUID(r["stream_id"]) for r in records if r.get("topic") == TaskCancelled.TOPIC]
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("ignored a malformed events message on %s: %s", self.topology.presence_queue(self.id), e)
+            return
+        for task_id in ids:
+            self._cancelled[task_id] = None
+            while len(self._cancelled) > 10_000:
+                self._cancelled.popitem(last=False)
+            handler = self._handlers.get(task_id)
+            if handler is not None and not handler.done():
+                log.info("task %s: cancelled, stopping its handler", task_id)
+                handler.cancel()
 
     # -- ingress ------------------------------------------------------------------------------
 

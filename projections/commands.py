@@ -9,9 +9,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 from broker_q.app import App
+from broker_q.domain.task import TaskStatus
+from broker_q.errors import DomainError, ValidationError
 from projections.cli import parse_time
 from projections.database import open_view_database
 from projections.metrics import registry_for, serve_metrics
@@ -70,6 +73,16 @@ def add_view_commands(
     sub.add_argument("--limit", type=int, default=50)
     sub.add_argument("--after", metavar="CURSOR")
     sub.add_argument("--json", action="store_true")
+    sub = command(dlq_actions, "replay", _dlq_replay,
+                  "run dead letters again, recording who, why and what changed in their history")
+    which = sub.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="the dead letter to replay")
+    which.add_argument("--all", action="store_true", help="every dead letter (that the filters select)")
+    sub.add_argument("--task", metavar="NAME", help="with --all: only dead letters of this task")
+    sub.add_argument("--since", metavar="TIME", help="with --all: only those dead-lettered at TIME or later")
+    sub.add_argument("--tenant", help="with --all: only this tenant's")
+    sub.add_argument("--reason", required=True, help="why (kept in each task's history)")
+    sub.add_argument("--kwargs", metavar="JSON", help="keyword arguments that replace the task's own")
 
     sub = command(subparsers, "audit", _audit, "the audit log, filtered")
     for option in ("--tenant", "--actor", "--task"):
@@ -178,7 +191,7 @@ def _queues(options: argparse.Namespace) -> int:
     if options.json:
         _print_json([asdict(s) for s in summaries])
         return 0
-    states = ("ready", "started", "succeeded", "failed", "cancelled")
+    states = tuple(s.value for s in TaskStatus)
     print(f"{'tenant':<12} {'queue':<16} " + " ".join(f"{s:>10}" for s in states) + "  oldest waiting")
     for s in summaries:
         oldest = "-" if s.oldest_waiting_seconds is None else f"{s.oldest_waiting_seconds:.1f}s"
@@ -199,6 +212,54 @@ def _dlq_list(options: argparse.Namespace) -> int:
     page = dead_letters(open_view_database(app.settings.store), tenant=options.tenant, limit=options.limit,
                         after=options.after)
     return _print_page(page.items, page.next, options.json)
+
+
+def _dlq_replay(options: argparse.Namespace) -> int:
+    from broker_q.cli import _json_arg, operator
+
+    app = _app(options)
+    kwargs = None if options.kwargs is None else _json_arg(options.kwargs, dict, "--kwargs")
+    if options.id is not None:
+        if options.task or options.since or options.tenant:
+            raise ValidationError("--task, --since and --tenant select among --all; an ID names one dead letter")
+        ids = [options.id]
+    else:
+        ids = _dead_letter_ids(app, task=options.task, since=parse_time(options.since, "--since"),
+                               tenant=options.tenant)
+    replayed = 0
+    for task_id in ids:
+        try:
+            state = app.replay_dead_letter(task_id, reason=options.reason, actor=operator(), kwargs=kwargs)
+        except DomainError as e:
+            if options.id is not None:
+                raise
+            print(f"{task_id}  skipped: {e}", file=sys.stderr)  # replayed or cancelled since the view saw it
+            continue
+        replayed += 1
+        print(f"{state.task_id}  replayed at v{state.version}: ready for attempt {state.attempts + 1}")
+    if options.all:
+        print(f"{replayed} dead letter(s) replayed", file=sys.stderr)
+    return 0
+
+
+def _dead_letter_ids(app: App, *, task: str | None, since: datetime | None, tenant: str | None) -> list[str]:
+    """The dead letters that the view holds now, with the filters of ``dlq replay --all``."""
+    database = open_view_database(app.settings.store)
+    ids: list[str] = []
+    after: str | None = None
+    while True:
+        page = dead_letters(database, tenant=tenant, limit=1000, after=after)
+        for item in page.items:
+            if task is not None and item["task"] != task:
+                continue
+            finished = item["finished_at"]
+            if since is not None and (finished is None or datetime.fromisoformat(finished) < since):
+                continue
+            ids.append(item["id"])
+        if page.next is None or (since is not None and page.items and page.items[-1]["finished_at"] is not None
+                                 and datetime.fromisoformat(page.items[-1]["finished_at"]) < since):
+            return ids  # most recent first: past ``since`` nothing older can match
+        after = page.next
 
 
 def _print_page(items: Sequence[dict[str, Any]], following: str | None, as_json: bool) -> int:

@@ -22,10 +22,17 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
 from broker_q.domain.events import (
+    BreakerClosed,
+    BreakerFailureRecorded,
+    BreakerOpened,
+    BreakerProbeStarted,
     IngressRejected,
     TaskCancelled,
+    TaskDeadLettered,
+    TaskDeferred,
     TaskEvent,
-    TaskFailed,
+    TaskReplayed,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
@@ -39,9 +46,10 @@ BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
                               300.0, 1800.0)
 """Upper bounds (seconds) of the duration histograms; one more bucket holds everything larger."""
 
-DEAD_STATES = ("failed",)
-"""States of tasks that will not run again by themselves and are kept as dead letters. Every failure
-is final until retries exist; then the dead state becomes ``dead_lettered``."""
+DEAD_STATES = ("dead_lettered",)
+"""States of tasks that will not run again by themselves and are kept as dead letters."""
+_WAITING = frozenset({"ready", "retry_scheduled", "deferred"})
+"""States whose ``ready_at`` is when the task became ready, or is due: a start after it waited for it."""
 
 
 def table(base: str, generation: int) -> str:
@@ -126,18 +134,28 @@ class TasksView:
             old: str = row["state"]
             key: tuple[str, str] = (row["tenant"], row["queue"])
             if isinstance(event, TaskStarted):
-                if old == "ready":  # a takeover of a started task waited for no queue
+                if old in _WAITING:  # a takeover of a started task waited for no queue
                     _observe(durations, "queue_wait", key, ts - row["ready_at"])
                 row.update(state="started", attempts=event.attempt, worker=event.worker, started_at=ts)
             elif isinstance(event, TaskSucceeded):
                 row.update(state="succeeded", finished_at=ts, result=json.dumps(event.result))
                 _observe(durations, "run", key, ts - (row["started_at"] or ts))
                 outcomes[(*key, row["task"], "succeeded")] += 1
-            elif isinstance(event, TaskFailed):
-                row.update(state="failed", finished_at=ts, error_type=event.error_type, error=event.message,
-                           traceback=event.traceback)
+            elif isinstance(event, (TaskRetryScheduled, TaskDeadLettered)):
+                row.update(error_type=event.error_type, error=event.message, traceback=event.traceback)
+                if isinstance(event, TaskRetryScheduled):
+                    row.update(state="retry_scheduled", ready_at=event.due_at.timestamp())
+                    outcomes[(*key, row["task"], "retried")] += 1
+                else:
+                    row.update(state="dead_lettered", finished_at=ts)
+                    outcomes[(*key, row["task"], "dead_lettered")] += 1
                 _observe(durations, "run", key, ts - (row["started_at"] or ts))
-                outcomes[(*key, row["task"], "failed")] += 1
+            elif isinstance(event, TaskDeferred):
+                row.update(state="deferred", ready_at=event.due_at.timestamp())
+                outcomes[(*key, row["task"], "deferred")] += 1
+            elif isinstance(event, TaskReplayed):
+                row.update(state="ready", ready_at=ts, finished_at=None)
+                outcomes[(*key, row["task"], "replayed")] += 1
             elif isinstance(event, TaskCancelled):
                 row.update(state="cancelled", finished_at=ts, error_type="Cancelled", error=event.reason)
                 outcomes[(*key, row["task"], "cancelled")] += 1
@@ -262,10 +280,29 @@ def summary(event: Any) -> str:
             return f"attempt {event.attempt} started on {event.worker}"
         case TaskSucceeded():
             return "succeeded"
-        case TaskFailed():
-            return f"failed: {event.error_type}: {event.message}"[:500]
+        case TaskRetryScheduled():
+            late = " (timed out)" if event.timed_out else ""
+            return f"retry at {event.due_at.isoformat()} after {event.error_type}{late}: {event.message}"[:500]
+        case TaskDeadLettered():
+            late = " (timed out)" if event.timed_out else ""
+            return f"dead-lettered: {event.error_type}{late}: {event.message}"[:500]
+        case TaskDeferred():
+            return f"deferred to {event.due_at.isoformat()}: {event.reason}"[:500]
+        case TaskReplayed():
+            changed = ", ".join(name for name in ("args", "kwargs") if getattr(event, name) is not None)
+            return f"replayed{f' with new {changed}' if changed else ''}: {event.reason}"[:500]
         case TaskCancelled():
             return f"cancelled: {event.reason}"[:500]
+        case BreakerFailureRecorded():
+            return f"breaker {event.service}: failure of task {event.task_id} ({event.error_type})"
+        case BreakerOpened():
+            until = event.until.isoformat() if event.until is not None else "closed by hand"
+            forced = "forced " if event.forced else ""
+            return f"breaker {event.service} {forced}open until {until}: {event.reason}"[:500]
+        case BreakerProbeStarted():
+            return f"breaker {event.service} half open: task {event.task_id} probes"
+        case BreakerClosed():
+            return f"breaker {event.service} {'forced ' if event.forced else ''}closed: {event.reason}"[:500]
         case IngressRejected():
             return f"refused a message for queue {event.queue!r}: {event.reason}"[:500]
     return str(event.TYPE)

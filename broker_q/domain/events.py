@@ -272,5 +272,4 @@ TOPICS: dict[str, type[Event]] = {
                 TaskReplayed, TaskCancelled, IngressRejected, BreakerFailureRecorded, BreakerOpened,
                 BreakerProbeStarted, BreakerClosed)
 }
-TOPICS["broker_q.task.failed"] = TaskDeadLettered  # its name before retries existed
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

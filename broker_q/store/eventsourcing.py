@@ -9,6 +9,7 @@ says why. The library's errors are translated here into broker_q's own.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from broker_q.codec import decode_event, encode_event
 from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
 from broker_q.store.port import AppendResult, Recorded
+from broker_q.store.timers import MemoryTimers, SQLTimers, Timer, Timers
 
 if TYPE_CHECKING:
     from broker_q.store.notify import CommitSignal
@@ -143,6 +145,24 @@ class RecorderEventStore:
         self._recorder = recorder
         self._commit_signal = commit_signal
         """Tells followers of an SQLite store that a transaction committed (see broker_q.store.notify)."""
+        self._timers: Timers | None = None
+        self._timers_lock = threading.Lock()
+
+    @property
+    def timers(self) -> Timers:
+        """The scheduler's timers, in the same database as the events (:mod:`broker_q.store.timers`)."""
+        with self._timers_lock:
+            if self._timers is None:
+                datastore = getattr(self._recorder, "datastore", None)
+                with _translated():
+                    if datastore is None:
+                        self._timers = MemoryTimers()
+                    elif hasattr(datastore, "schema"):
+                        self._timers = _TranslatedTimers(
+                            SQLTimers(datastore.transaction, "postgres", f"{datastore.schema}.brokerq_timers"))
+                    else:
+                        self._timers = _TranslatedTimers(SQLTimers(datastore.transaction, "sqlite", "brokerq_timers"))
+            return self._timers
 
     def append(self, events: Sequence[Event]) -> list[int]:
         return self._insert([StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events])
@@ -225,6 +245,56 @@ class RecorderEventStore:
         self._factory.close()
         if self._commit_signal is not None:
             self._commit_signal.close()
+
+
+class _TranslatedTimers:
+    """Timers whose database errors are broker_q's own (``StoreUnavailable`` may be retried)."""
+
+    def __init__(self, timers: Timers) -> None:
+        self._timers = timers
+
+    def add(self, timers: Sequence[Timer]) -> None:
+        with _translated_sql():
+            self._timers.add(timers)
+
+    def due(self, now: float, limit: int) -> list[Timer]:
+        with _translated_sql():
+            return self._timers.due(now, limit)
+
+    def remove(self, keys: Sequence[str]) -> None:
+        with _translated_sql():
+            self._timers.remove(keys)
+
+    def next_due(self) -> float | None:
+        with _translated_sql():
+            return self._timers.next_due()
+
+    def count(self) -> int:
+        with _translated_sql():
+            return self._timers.count()
+
+
+@contextmanager
+def _translated_sql() -> Iterator[None]:
+    """The recorder's errors, and the drivers' own raised by SQL of broker_q's through its datastore."""
+    import sqlite3
+
+    with _translated():
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"event store unavailable: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"event store error: {e}") from e
+        except Exception as e:
+            if type(e).__module__.startswith("psycopg"):
+                import psycopg
+
+                if isinstance(e, psycopg.OperationalError):
+                    raise StoreUnavailable(f"event store unavailable: {e}") from e
+                if isinstance(e, psycopg.Error):
+                    raise StoreError(f"event store error: {e}") from e
+            raise
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:

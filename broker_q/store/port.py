@@ -8,6 +8,7 @@ Guarantees every adapter keeps (``tests/integration/test_store_contract.py`` pro
   commit order (they may have gaps), so a reader that follows the log from a position it has seen
   never misses an event that commits later.
 - ``set_position``/``get_position`` keep a named reader's position (the relay's, a projection's).
+- ``timers`` keeps the scheduler's timers beside the events (:mod:`broker_q.store.timers`).
 - An unreachable database raises :class:`~broker_q.errors.StoreUnavailable`, which may be retried.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker_q.domain.events import Event
+from broker_q.store.timers import Timers
 
 __all__ = ["AppendResult", "EventStore", "Recorded"]
 
@@ -70,6 +72,11 @@ class EventStore(Protocol):
 
     def set_position(self, reader: str, position: int) -> None:
         """Record that ``reader`` has handled everything up to ``position``. Positions only grow."""
+        ...
+
+    @property
+    def timers(self) -> Timers:
+        """The scheduler's timers, kept in the same database as the events."""
         ...
 
     def close(self) -> None: ...

@@ -59,7 +59,7 @@ def stories() -> list[Event]:
         elif kind == "succeed":
             following = domain.succeed(state, result=1, now=now)
         elif kind == "fail":
-            following = domain.fail(state, error_type="ValueError", message="boom", traceback=None, now=now)
+            following = domain.dead_letter(state, error_type="ValueError", message="boom", traceback=None, now=now)
         else:
             following = domain.cancel(state, reason="no", actor="client:test", now=now)
         log.append(following)
@@ -132,12 +132,12 @@ def test_the_exposition_parses_with_the_expected_values_and_passes_promtool(
         "broker_q_projection_lag_seconds": "gauge",
     }
     acme = {"tenant": "acme", "queue": "default"}
-    for outcome in ("succeeded", "failed", "cancelled"):
+    for outcome in ("succeeded", "dead_lettered", "cancelled"):
         assert value(values, "broker_q_tasks_total", **acme, task="t.add", outcome=outcome) == 1.0
     assert not [k for k in values if k[0] == "broker_q_tasks_total" and ("tenant", "globex") in k[1]]
     in_state = {dict(labels)["state"]: v for (name, labels), v in values.items()
                 if name == "broker_q_tasks_in_state" and ("tenant", "acme") in labels and v}
-    assert in_state == {"ready": 1.0, "succeeded": 1.0, "failed": 1.0, "cancelled": 1.0}
+    assert in_state == {"ready": 1.0, "succeeded": 1.0, "dead_lettered": 1.0, "cancelled": 1.0}
     assert value(values, "broker_q_tasks_in_state", tenant="globex", queue="mail", state="started") == 1.0
 
     wait = "broker_q_task_queue_wait_seconds"

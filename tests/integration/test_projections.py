@@ -39,7 +39,7 @@ from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
-STATES = ("ready", "started", "succeeded", "failed", "cancelled")
+STATES = ("ready", "started", "succeeded", "dead_lettered", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,14 @@ def generate(n_events: int, *, seed: int = 0) -> Generated:
         submitted = domain.submit(task_id=task_id, task="t.add", queue=queue, args=[i], kwargs={}, priority=5,
                                   tenant=tenant, actor="client:test", now=now)
         events.append(submitted)
-        if state in ("started", "succeeded", "failed"):
+        if state in ("started", "succeeded", "dead_lettered"):
             events.append(domain.started_event(task_id=task_id, version=2, attempt=1, worker="worker:1",
                                                tenant=tenant, correlation_id=task_id, now=now + timedelta(seconds=1)))
         if state == "succeeded":
             events.append(domain.succeeded_event(task_id, 3, tenant, "worker:1", task_id, i,
                                                  now + timedelta(seconds=3)))
-        elif state == "failed":
-            events.append(domain.failed_event(task_id, 3, tenant, "worker:1", task_id, "ValueError", "boom", None,
+        elif state == "dead_lettered":
+            events.append(domain.dead_lettered_event(task_id, 3, tenant, "worker:1", task_id, "ValueError", "boom", None,
                                               now + timedelta(seconds=3)))
         elif state == "cancelled":
             events.append(domain.cancel(domain.evolve(None, submitted), reason="no", actor="client:test",
@@ -132,8 +132,8 @@ def table_counts(database: ViewDatabase) -> dict[str, int]:
 def expected_table_counts(events: Sequence[Event]) -> dict[str, int]:
     types = Counter(e.TYPE for e in events)
     return {"tasks": types["submitted"], "audit": len(events), "queue_counts": types["submitted"],
-            "outcomes": types["succeeded"] + types["failed"] + types["cancelled"],
-            "durations": types["started"] + types["succeeded"] + types["failed"]}
+            "outcomes": types["succeeded"] + types["dead_lettered"] + types["cancelled"],
+            "durations": types["started"] + types["succeeded"] + types["dead_lettered"]}
 
 
 # -- following the log ----------------------------------------------------------------------------

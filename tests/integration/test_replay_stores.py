@@ -135,7 +135,7 @@ def test_events_json_is_every_event_with_its_position(recorded: tuple[str, Story
     assert rows[0]["time"] == story.log[0].timestamp.isoformat()
     assert rows[0]["details"]["args"] == [1, 2]
 
-    code, out, _ = run(["--store", url, "events", "--json", "--type", "started", "--type", "failed",
+    code, out, _ = run(["--store", url, "events", "--json", "--type", "started", "--type", "dead_lettered",
                         "--tenant", "acme", "--limit", "3"], capsys)
     assert code == 0
     assert [r["type"] for r in json.loads(out)] == ["started", "started", "started"]
@@ -211,13 +211,13 @@ def test_replay_json(recorded: tuple[str, Story, list[int]], capsys: pytest.Capt
     assert code == 0
     document = json.loads(out)
     assert document["id"] == str(b)
-    assert document["state"]["state"] == "failed"
-    assert [e["type"] for e in document["events"]] == ["submitted", "started", "failed"]
+    assert document["state"]["state"] == "dead_lettered"
+    assert [e["type"] for e in document["events"]] == ["submitted", "started", "dead_lettered"]
     assert [e["since_submit_seconds"] for e in document["events"]] == [0.0, 3.0, 27.0]
     assert document["totals"] == {
         "waiting_seconds": 3.0,
         "attempts": [{"attempt": 1, "worker": "worker:2", "started_at": story.log[4].timestamp.isoformat(),
-                      "ended_at": story.log[8].timestamp.isoformat(), "outcome": "failed", "run_seconds": 24.0}],
+                      "ended_at": story.log[8].timestamp.isoformat(), "outcome": "dead_lettered", "run_seconds": 24.0}],
         "total_seconds": 27.0,
     }
 
@@ -230,11 +230,11 @@ def test_state_counts_as_of_a_position_and_a_time(recorded: tuple[str, Story, li
     document = json.loads(out)
     assert document["as_of"] == {"time": None, "position": positions[5]}
     assert document["queues"] == [
-        {"tenant": "acme", "queue": "default", "ready": 1, "started": 1, "succeeded": 0, "failed": 0,
+        {"tenant": "acme", "queue": "default", "ready": 1, "started": 1, "succeeded": 0, "dead_lettered": 0,
          "cancelled": 0, "total": 2},
-        {"tenant": "acme", "queue": "mail", "ready": 0, "started": 1, "succeeded": 0, "failed": 0,
+        {"tenant": "acme", "queue": "mail", "ready": 0, "started": 1, "succeeded": 0, "dead_lettered": 0,
          "cancelled": 0, "total": 1},
-        {"tenant": "globex", "queue": "default", "ready": 1, "started": 0, "succeeded": 0, "failed": 0,
+        {"tenant": "globex", "queue": "default", "ready": 1, "started": 0, "succeeded": 0, "dead_lettered": 0,
          "cancelled": 0, "total": 1},
     ]
 

@@ -19,7 +19,7 @@ from broker_q.codec import check_json, decode_event, dumps, encode_event, loads,
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
-CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id"})
+CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id", "due_at", "until", "task_id"})
 """The only fields the codec converts from JSON (see ``broker_q/codec.py``)."""
 COLUMNS = frozenset({"stream_id", "version"})
 """Stored as columns of the store, not in the JSON."""
@@ -55,6 +55,15 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "message_id": optional_text,
     "size": st.integers(0, 2**40),
     "sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
+    "max_attempts": st.none() | st.integers(1, 1000),
+    "time_limit": st.none() | st.floats(0.001, 1e6),
+    "soft_time_limit": st.none() | st.floats(0.001, 1e6),
+    "due_at": st.datetimes(timezones=st.just(UTC)),
+    "until": st.none() | st.datetimes(timezones=st.just(UTC)),
+    "timed_out": st.booleans(),
+    "forced": st.booleans(),
+    "service": st.text(),
+    "task_id": st.uuids(),
 }
 
 
@@ -73,7 +82,7 @@ def test_every_field_of_every_event_class_has_a_strategy() -> None:
 
 
 def test_every_topic_names_its_own_class() -> None:
-    assert len(TOPICS) == 6
+    assert len(TOPICS) == 13
     for topic, cls in TOPICS.items():
         assert topic == cls.TOPIC
     assert len({cls.TYPE for cls in TOPICS.values()}) == len(TOPICS)

@@ -112,7 +112,7 @@ class Plan:
     queue: str
     name: str
     starts: int
-    ending: str | None  # "succeeded", "failed", "cancelled" or None (still ready or started)
+    ending: str | None  # "succeeded", "dead_lettered", "cancelled" or None (still ready or started)
 
     @property
     def steps(self) -> list[str]:
@@ -126,7 +126,7 @@ class Plan:
 @st.composite
 def plans(draw: st.DrawFn, tenants: Sequence[str], queues: Sequence[str]) -> Plan:
     starts = draw(st.integers(0, 3))
-    endings: list[str | None] = [None, "cancelled", *(["succeeded", "failed"] if starts else [])]
+    endings: list[str | None] = [None, "cancelled", *(["succeeded", "dead_lettered"] if starts else [])]
     return Plan(draw(st.sampled_from(tenants)), draw(st.sampled_from(queues)), draw(st.sampled_from(NAMES)), starts,
                 draw(st.sampled_from(endings)))
 
@@ -172,8 +172,8 @@ def histories(draw: st.DrawFn) -> History:
             event = domain.start(state, worker=f"worker:{taken[index]}", now=now)
         elif step == "succeeded":
             event = domain.succeed(state, result={"n": index}, now=now)
-        elif step == "failed":
-            event = domain.fail(state, error_type="ValueError", message=f"boom {index}", traceback="Traceback ...",
+        elif step == "dead_lettered":
+            event = domain.dead_letter(state, error_type="ValueError", message=f"boom {index}", traceback="Traceback ...",
                                 now=now)
         else:
             event = domain.cancel(state, reason=f"not needed {index}", actor="client:test", now=now)
@@ -243,11 +243,11 @@ def reference(history: History, positions: Sequence[int]) -> Reference:
         if starts:  # only the start from ready waited in a queue; a takeover did not
             observe("queue_wait", plan, starts[0] - submitted)
         finished = stamps[-1] if plan.ending else None
-        if plan.ending in ("succeeded", "failed"):
+        if plan.ending in ("succeeded", "dead_lettered"):
             assert finished is not None
             observe("run", plan, finished - starts[-1])
         index = list(history.plans).index(task_id)
-        error = {"failed": ("ValueError", f"boom {index}"), "cancelled": ("Cancelled", f"not needed {index}")}
+        error = {"dead_lettered": ("ValueError", f"boom {index}"), "cancelled": ("Cancelled", f"not needed {index}")}
         tasks.append((
             task_id.hex, plan.tenant, plan.queue, plan.name, plan.state, plan.starts, len(plan.steps),
             json.dumps({"n": index}) if plan.ending == "succeeded" else None,
@@ -283,7 +283,7 @@ def check_against_reference(views: Views, expected: Reference, log: Sequence[Eve
     for (metric, *_), (count, _) in durations.items():
         per_metric[metric] += count
     assert per_metric["queue_wait"] == len({e.stream_id for e in log if e.TYPE == "started"})
-    assert per_metric["run"] == sum(e.TYPE in ("succeeded", "failed") for e in log)
+    assert per_metric["run"] == sum(e.TYPE in ("succeeded", "dead_lettered") for e in log)
 
     audit_generation = views.runner.positions()["audit"].generation
     with views.database.transaction(write=False) as cursor:
@@ -603,7 +603,7 @@ def test_dead_letters_are_failed_tasks_most_recent_first(views: Views) -> None:
         elif n == 6:
             end = domain.cancel(state, reason="r", actor="client", now=at)
         else:
-            end = domain.fail(state, error_type="KeyError", message=f"k{n}", traceback=None, now=at)
+            end = domain.dead_letter(state, error_type="KeyError", message=f"k{n}", traceback=None, now=at)
             failed.append(end)
         log += [submit, start, end]
     views.store.append(log)
@@ -615,7 +615,7 @@ def test_dead_letters_are_failed_tasks_most_recent_first(views: Views) -> None:
     acme = walk(lambda **page: queries.dead_letters(views.database, tenant="acme", **page), 2)
     assert acme == [i for i in expected if i != str(uuid.uuid5(_IDS, "3"))]
     item = queries.dead_letters(views.database, limit=1).items[0]
-    assert (item["state"], item["error_type"], item["error"]) == ("failed", "KeyError", "k4")
+    assert (item["state"], item["error_type"], item["error"]) == ("dead_lettered", "KeyError", "k4")
 
 
 def test_audit_filters(views: Views) -> None:
@@ -649,10 +649,10 @@ def test_audit_filters(views: Views) -> None:
     assert select(after=positions[1], limit=2) == everything[2:4]
     assert select(AuditQuery(tenant="acme", types=["succeeded", "cancelled"], since=log[6].timestamp)) == [
         everything[8]]
-    record = queries.audit(db, AuditQuery(types=["failed"]))[0]
+    record = queries.audit(db, AuditQuery(types=["dead_lettered"]))[0]
     assert record == {"position": positions[6], "time": log[6].timestamp.isoformat(), "tenant": "globex",
-                      "actor": "worker:2", "stream_id": str(b), "task_id": str(b), "type": "failed",
-                      "summary": "failed: ValueError: boom"}
+                      "actor": "worker:2", "stream_id": str(b), "task_id": str(b), "type": "dead_lettered",
+                      "summary": "dead-lettered: ValueError: boom"}
     refusal = queries.audit(db, AuditQuery(types=["ingress_rejected"]))[0]
     assert (refusal["task_id"], refusal["actor"]) == (None, "relay")
     with pytest.raises(ValidationError, match="task id"):

@@ -35,7 +35,7 @@ from projections.replay import (
 
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
 READY, STARTED = TaskStatus.READY, TaskStatus.STARTED
-SUCCEEDED, FAILED, CANCELLED = TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED
+SUCCEEDED, DEAD_LETTERED, CANCELLED = TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED
 
 
 class Story:
@@ -71,7 +71,7 @@ class Story:
         return self._record(domain.succeed(self.states[task_id], result=result, now=self._tick(after)))
 
     def fail(self, task_id: uuid.UUID, *, after: float = 1.0) -> TaskEvent:
-        return self._record(domain.fail(self.states[task_id], error_type="ValueError", message="boom",
+        return self._record(domain.dead_letter(self.states[task_id], error_type="ValueError", message="boom",
                                         traceback="Traceback ...", now=self._tick(after)))
 
     def cancel(self, task_id: uuid.UUID, *, after: float = 1.0) -> TaskEvent:
@@ -186,10 +186,10 @@ def test_events_filters_types_task_and_tenant_together(store: EventStore) -> Non
     story.succeed(a)
     story.fail(b)
     record(store, story.log)
-    assert [(r.event.stream_id, r.event.TYPE) for r in events(store, types=["started", "failed"])] == [
-        (a, "started"), (b, "started"), (b, "failed")]
+    assert [(r.event.stream_id, r.event.TYPE) for r in events(store, types=["started", "dead_lettered"])] == [
+        (a, "started"), (b, "started"), (b, "dead_lettered")]
     assert [r.event.TYPE for r in events(store, task=a)] == ["submitted", "started", "succeeded"]
-    assert [r.event.TYPE for r in events(store, tenant="globex", types={"failed"})] == ["failed"]
+    assert [r.event.TYPE for r in events(store, tenant="globex", types={"dead_lettered"})] == ["dead_lettered"]
     assert list(events(store, tenant="nobody")) == []
     assert list(events(store, task=uuid.uuid4())) == []
 
@@ -239,7 +239,9 @@ def test_events_refuses_bad_arguments_before_reading(store: EventStore) -> None:
 
 
 def test_every_type_can_be_filtered() -> None:
-    assert {"submitted", "started", "succeeded", "failed", "cancelled", "ingress_rejected"} == EVENT_TYPES
+    assert {"submitted", "started", "succeeded", "retry_scheduled", "dead_lettered", "deferred", "replayed",
+            "cancelled", "ingress_rejected", "breaker_failure", "breaker_opened", "breaker_probe",
+            "breaker_closed"} == EVENT_TYPES
 
 
 def test_a_scan_until_a_time_stops_past_the_skew_allowance(store: EventStore) -> None:
@@ -272,7 +274,7 @@ def test_a_timeline_has_every_event_and_the_time_between_them(store: EventStore)
     story.fail(task, after=2)
     record(store, story.log)
     history = timeline(store, task)
-    assert [r.type for r in history.rows] == ["submitted", "started", "started", "failed"]
+    assert [r.type for r in history.rows] == ["submitted", "started", "started", "dead_lettered"]
     assert [r.version for r in history.rows] == [1, 2, 3, 4]
     assert [r.since_previous.total_seconds() for r in history.rows] == [0, 5, 30, 2]
     assert [r.since_submit.total_seconds() for r in history.rows] == [0, 5, 35, 37]
@@ -282,7 +284,7 @@ def test_a_timeline_has_every_event_and_the_time_between_them(store: EventStore)
     assert history.waiting == timedelta(seconds=5)
     assert history.attempts == [
         Attempt(1, "worker:a", T0 + timedelta(seconds=6), T0 + timedelta(seconds=36), "started"),
-        Attempt(2, "worker:b", T0 + timedelta(seconds=36), T0 + timedelta(seconds=38), "failed"),
+        Attempt(2, "worker:b", T0 + timedelta(seconds=36), T0 + timedelta(seconds=38), "dead_lettered"),
     ]
     assert [a.run_time for a in history.attempts] == [timedelta(seconds=30), timedelta(seconds=2)]
     assert history.total == timedelta(seconds=37)
@@ -476,7 +478,7 @@ def test_counts_need_exactly_one_moment(store: EventStore) -> None:
 # -- properties ---------------------------------------------------------------------------------
 
 LEGAL = {None: ["submit"], READY: ["start", "cancel"], STARTED: ["start", "succeed", "fail", "cancel"],
-         SUCCEEDED: [], FAILED: [], CANCELLED: []}
+         SUCCEEDED: [], DEAD_LETTERED: [], CANCELLED: []}
 
 
 @st.composite
@@ -506,7 +508,7 @@ def histories(draw: st.DrawFn) -> list[TaskEvent]:
         elif command == "succeed":
             event = domain.succeed(state, result=index, now=now)
         elif command == "fail":
-            event = domain.fail(state, error_type="E", message="m", traceback=None, now=now)
+            event = domain.dead_letter(state, error_type="E", message="m", traceback=None, now=now)
         else:
             event = domain.cancel(state, reason="r", actor="client:test", now=now)
         states[index] = domain.evolve(state, event)

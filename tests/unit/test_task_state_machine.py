@@ -24,14 +24,14 @@ from broker_q.domain.task import FINAL_STATES, MAX_PRIORITY, TaskState, TaskStat
 from broker_q.errors import DomainError
 
 READY, STARTED = TaskStatus.READY, TaskStatus.STARTED
-SUCCEEDED, FAILED, CANCELLED = TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED
+SUCCEEDED, DEAD_LETTERED, CANCELLED = TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED
 
 TRANSITIONS: dict[TaskStatus | None, frozenset[TaskStatus]] = {
     None: frozenset({READY}),
     READY: frozenset({STARTED, CANCELLED}),
-    STARTED: frozenset({STARTED, SUCCEEDED, FAILED, CANCELLED}),  # started -> started: a takeover
+    STARTED: frozenset({STARTED, SUCCEEDED, DEAD_LETTERED, CANCELLED}),  # started -> started: a takeover
     SUCCEEDED: frozenset(),
-    FAILED: frozenset(),
+    DEAD_LETTERED: frozenset(),
     CANCELLED: frozenset(),
 }
 """Every status a task may move to from each status (``None``: the task does not exist yet)."""
@@ -41,12 +41,12 @@ LEGAL_COMMANDS: dict[TaskStatus | None, frozenset[str]] = {
     READY: frozenset({"start", "cancel"}),
     STARTED: frozenset({"start", "succeed", "fail", "cancel"}),
     SUCCEEDED: frozenset(),
-    FAILED: frozenset(),
+    DEAD_LETTERED: frozenset(),
     CANCELLED: frozenset(),
 }
 
-RESULTING_STATUS = {"submit": READY, "start": STARTED, "succeed": SUCCEEDED, "fail": FAILED, "cancel": CANCELLED}
-EVENT_TYPE = {"submit": "submitted", "start": "started", "succeed": "succeeded", "fail": "failed",
+RESULTING_STATUS = {"submit": READY, "start": STARTED, "succeed": SUCCEEDED, "fail": DEAD_LETTERED, "cancel": CANCELLED}
+EVENT_TYPE = {"submit": "submitted", "start": "started", "succeed": "succeeded", "fail": "dead_lettered",
               "cancel": "cancelled"}
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8) | st.floats(
@@ -181,7 +181,7 @@ class TaskMachine(RuleBasedStateMachine):
     def fail(self, message: str, step: float) -> None:
         assert self.state is not None
         state, now = self.state, self.clock.advance(step)
-        self._decide("fail", lambda: domain.fail(state, error_type="ValueError", message=message, traceback=None,
+        self._decide("fail", lambda: domain.dead_letter(state, error_type="ValueError", message=message, traceback=None,
                                                  now=now))
         if self.state is not state and self.state is not None:
             assert (self.state.error_type, self.state.error) == ("ValueError", message)
