@@ -22,6 +22,7 @@ from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overlo
 import pydantic
 
 from broker_q.codec import check_json
+from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
@@ -75,6 +76,8 @@ class App:
             self._settings = self._build()
         self.actor = f"client:{socket.gethostname()}:{os.getpid()}"
         self._tasks: dict[str, TaskDefinition[Any, Any]] = {}
+        self.breaker_policies: dict[str, BreakerPolicy] = {}
+        """Each downstream service's circuit breaker policy (:meth:`breaker`); others get the default."""
         self._store: EventStore | None = None
         self._store_lock = threading.Lock()
         self._writers: dict[asyncio.AbstractEventLoop, GroupCommitWriter] = {}
@@ -167,6 +170,10 @@ class App:
             return definition
 
         return register if fn is None else register(fn)
+
+    def breaker(self, service: str, policy: BreakerPolicy) -> None:
+        """Set the circuit breaker policy of ``service`` (tasks name it: ``@app.task(service=...)``)."""
+        self.breaker_policies[service] = policy
 
     @property
     def tasks(self) -> Mapping[str, TaskDefinition[Any, Any]]:

@@ -99,11 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("id")
     sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
+    from broker_q.breakers import add_commands as add_breaker_commands
     from projections.cli import add_commands
     from projections.commands import add_view_commands
 
     add_commands(commands)
     add_view_commands(commands, _serve)
+    add_breaker_commands(commands)
     return parser
 
 

@@ -48,13 +48,15 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
+from broker_q.breakers import Breakers
 from broker_q.codec import check_json
-from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted
+from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted, TaskSucceeded
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
     WAITING_STATES,
     TaskStatus,
     dead_lettered_event,
+    deferred_event,
     replay,
     retry_scheduled_event,
     start,
@@ -106,6 +108,7 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="broker_q-handler")
         self._writer: GroupCommitWriter | None = None
+        self._breakers: Breakers | None = None
         self._acks: dict[int, _Acks] = {}
         """Per AMQP channel (delivery tags are numbered per channel, and restart on a new one)."""
         self._publish_channel: AbstractChannel | None = None
@@ -122,6 +125,7 @@ class Worker:
         """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`)."""
         store = await asyncio.to_thread(lambda: self.app.store)
         self._writer = GroupCommitWriter(store)
+        self._breakers = Breakers(store, self.app.breaker_policies)
         connection = self._connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
         consumers: list[tuple[AbstractQueue, str]] = []
         try:
@@ -227,6 +231,10 @@ class Worker:
     async def _attempt(self, work: WorkMessage) -> bool:
         """Record ``started``, run the handler, record the outcome; True when the message may be acked."""
         assert self._writer is not None
+        definition = self.app.tasks.get(work.task)
+        service = definition.service if definition is not None else None
+        if service is not None and await self._deferred(service, work):
+            return True
         started = started_event(task_id=work.id, version=work.version + 1, attempt=work.attempt, worker=self.id,
                                 tenant=work.tenant, correlation_id=work.correlation_id, now=_now())
         try:
@@ -258,9 +266,48 @@ class Worker:
             except ConcurrencyConflict:
                 if not await self._is_recorded(outcome):
                     log.info("task %s: outcome dropped, the task was decided elsewhere meanwhile", work.id)
+            if service is not None:
+                await self._record_for_breaker(service, work, outcome)
             return True
         finally:
             del self._running[work.id]
+
+    async def _deferred(self, service: str, work: WorkMessage) -> bool:
+        """Ask ``service``'s circuit breaker; True when it said wait and the task is deferred (ack it).
+
+        A deferral is appended at the version the message carries, like ``started``: if it loses
+        that race the delivery goes the usual way (a stale message, or a takeover, which runs even
+        while the breaker is open: the attempt was spent already).
+        """
+        assert self._writer is not None
+        assert self._breakers is not None
+        try:
+            admission = await self._breakers.admit(service, work.id, self.id)
+        except (ConcurrencyConflict, StoreUnavailable) as e:
+            log.warning("task %s: breaker %s undecided (%s): it runs", work.id, service, e)
+            return False
+        if admission.action != "defer":
+            return False
+        assert admission.until is not None
+        now = _now()
+        deferral = deferred_event(work.id, work.version + 1, work.tenant, self.id, work.correlation_id,
+                                  max(admission.until, now), admission.reason, now)
+        try:
+            await self._writer.append([deferral])
+        except ConcurrencyConflict:
+            return False
+        log.info("task %s deferred to %s: %s", work.id, deferral.due_at.isoformat(), admission.reason)
+        return True
+
+    async def _record_for_breaker(self, service: str, work: WorkMessage, outcome: TaskEvent) -> None:
+        assert self._breakers is not None
+        ok = isinstance(outcome, TaskSucceeded)
+        error_type = None if ok else getattr(outcome, "error_type", None)
+        try:
+            await self._breakers.record(service, work.id, ok, error_type, self.id)
+        except (ConcurrencyConflict, StoreUnavailable) as e:
+            # The task's outcome is recorded; only the breaker's count misses this attempt.
+            log.warning("task %s: outcome not counted by breaker %s: %s", work.id, service, e)
 
     async def _take_over(self, work: WorkMessage, mine: TaskStarted) -> TaskStarted | None:
         """The slow path after losing the race for ``started``: decide from the task's history.

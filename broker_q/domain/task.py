@@ -54,6 +54,7 @@ __all__ = [
     "dead_letter",
     "dead_lettered_event",
     "defer",
+    "deferred_event",
     "evolve",
     "replay",
     "replay_dead_letter",
@@ -315,12 +316,19 @@ def defer(state: TaskState, *, due_at: datetime, reason: str, actor: str, now: d
     """Offer the task again at ``due_at`` without starting it (no attempt is spent)."""
     if state.status not in (TaskStatus.READY, *WAITING_STATES):
         raise DomainError(f"task {state.task_id} is {state.status}: only a task waiting to start can be deferred")
+    return deferred_event(state.task_id, state.version + 1, state.tenant, actor, state.correlation_id, due_at,
+                          reason, now)
+
+
+def deferred_event(task_id: uuid.UUID, version: int, tenant: str, actor: str, correlation_id: uuid.UUID,
+                   due_at: datetime, reason: str, now: datetime) -> TaskDeferred:
+    """The deferral of a task known to be ready (or due) at ``version - 1``: like :func:`started_event`,
+    the store's unique (stream, version) refuses it if anything happened to the task since."""
     if due_at < now:
         raise DomainError(f"a deferral cannot be due before it is decided ({due_at} < {now})")
     return TaskDeferred(
-        stream_id=state.task_id, version=state.version + 1, timestamp=now, tenant=state.tenant, actor=actor,
-        correlation_id=state.correlation_id, causation_id=_previous_event_id(state.task_id, state.version + 1),
-        due_at=due_at, reason=reason,
+        stream_id=task_id, version=version, timestamp=now, tenant=tenant, actor=actor, correlation_id=correlation_id,
+        causation_id=_previous_event_id(task_id, version), due_at=due_at, reason=reason,
     )
 
 

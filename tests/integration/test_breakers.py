@@ -123,7 +123,7 @@ def test_forced_open_stays_open_and_states_lists_every_breaker(stores: list[Even
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker_q.breakers", "--store", url, *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "broker_q.cli", "--store", url, *args], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
                           check=False)
 

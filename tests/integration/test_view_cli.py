@@ -88,10 +88,11 @@ def told(sqlite_url: str) -> Told:
 
 def test_queues_as_a_table_and_as_json(told: Told) -> None:
     lines = ok(told.url, "queues").splitlines()
-    assert lines[0].split() == ["tenant", "queue", "ready", "started", "succeeded", "dead_lettered", "cancelled", "oldest",
-                                "waiting"]
-    rows = {tuple(line.split()[:2]): line.split()[2:7] for line in lines[1:]}
-    assert rows == {("acme", "default"): ["2", "1", "1", "1", "0"], ("globex", "mail"): ["0", "0", "0", "1", "1"]}
+    assert lines[0].split() == ["tenant", "queue", "ready", "started", "retry_scheduled", "deferred", "succeeded",
+                                "dead_lettered", "cancelled", "oldest", "waiting"]
+    rows = {tuple(line.split()[:2]): line.split()[2:9] for line in lines[1:]}
+    assert rows == {("acme", "default"): ["2", "1", "0", "0", "1", "1", "0"],
+                    ("globex", "mail"): ["0", "0", "0", "0", "0", "1", "1"]}
     assert lines[1].split()[-1].endswith("s")  # the age of the oldest ready task
     assert lines[2].split()[-1] == "-"         # nothing ready
 
@@ -118,7 +119,8 @@ def test_tasks_pages_with_the_next_cursor(told: Told) -> None:
 def test_dlq_list_shows_failed_tasks_most_recent_first(told: Told) -> None:
     dead = json.loads(ok(told.url, "dlq", "list", "--json"))
     assert [(i["id"], i["state"], i["error_type"], i["error"]) for i in dead["items"]] == [
-        (str(told.ids["f"]), "dead_lettered", "ValueError", "boom"), (str(told.ids["e"]), "dead_lettered", "ValueError", "boom")]
+        (str(told.ids["f"]), "dead_lettered", "ValueError", "boom"),
+        (str(told.ids["e"]), "dead_lettered", "ValueError", "boom")]
     page = json.loads(ok(told.url, "dlq", "list", "--json", "--limit", "1"))
     rest = json.loads(ok(told.url, "dlq", "list", "--json", "--limit", "1", "--after", page["next"]))
     assert [i["id"] for i in page["items"] + rest["items"]] == [i["id"] for i in dead["items"]]
@@ -139,7 +141,7 @@ def test_audit_exports_json_lines(told: Told) -> None:
     failed = [json.loads(line) for line in ok(told.url, "audit", "--format", "json", "--type", "dead_lettered",
                                               "--tenant", "acme").splitlines()]
     assert [(r["task_id"], r["actor"], r["summary"]) for r in failed] == [
-        (str(told.ids["e"]), "worker:e", "failed: ValueError: boom")]
+        (str(told.ids["e"]), "worker:e", "dead-lettered: ValueError: boom")]
     since = told.log[-3].timestamp.replace(tzinfo=None).isoformat()  # no offset: read as UTC
     late = [json.loads(line)["position"] for line in ok(told.url, "audit", "--format", "json", "--since", since)
             .splitlines()]

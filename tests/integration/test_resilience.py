@@ -1,0 +1,230 @@
+"""Retries, dead letters and their replay, and cancellation, against the real RabbitMQ and stores."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import aio_pika
+import pytest
+
+from broker_q import App, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus
+from broker_q.breakers import Breakers
+from broker_q.domain.breaker import BreakerPolicy
+from broker_q.domain.events import TaskReplayed, TaskRetryScheduled, TaskStarted
+from broker_q.errors import DomainError
+from tests.helpers import running, wait_for
+
+FAST = RetryPolicy(max_attempts=3, backoff=0.05, backoff_max=0.2)
+
+
+def _app(store: str, amqp_url: str, namespace: str) -> App:
+    return App(store=store, amqp_url=amqp_url, namespace=namespace)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+def _types(app: App, task_id: Any) -> list[str]:
+    return [e.TYPE for e in app.history(task_id)]
+
+
+async def test_a_failing_task_is_retried_with_backoff_until_it_succeeds(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(durable_store_url, amqp_url, namespace)
+    calls: list[int] = []
+
+    @app.task(name="flaky", retry=FAST)
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError(f"down ({len(calls)})")
+        return "up"
+
+    async with running(app):
+        handle = await flaky.submit()
+        assert await handle.result(timeout=20) == "up"
+    assert _types(app, handle.id) == ["submitted", "started", "retry_scheduled", "started", "retry_scheduled",
+                                      "started", "succeeded"]
+    events = app.history(handle.id)
+    retries = [e for e in events if isinstance(e, TaskRetryScheduled)]
+    starts = [e for e in events if isinstance(e, TaskStarted)]
+    assert [e.attempt for e in starts] == [1, 2, 3]
+    assert [e.message for e in retries] == ["down (1)", "down (2)"]
+    for retry, start in zip(retries, starts[1:], strict=True):
+        # equal jitter: between half the backoff and all of it; never started before it was due
+        assert 0.025 <= (retry.due_at - retry.timestamp).total_seconds() <= 0.2
+        assert start.timestamp >= retry.due_at
+    assert await asyncio.to_thread(app.store.timers.count) == 0  # every timer was published and removed
+
+
+async def test_the_last_attempt_and_errors_not_retried_dead_letter(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="always", retry=FAST)
+    def always() -> None:
+        raise ConnectionError("still down")
+
+    @app.task(name="bug", retry=RetryPolicy(max_attempts=5, retry_on=(OSError,)))
+    def bug() -> None:
+        raise KeyError("missing")
+
+    @app.task(name="asks", max_attempts=2)
+    def asks() -> None:
+        raise Retry("not yet", delay=0.05)
+
+    async with running(app):
+        exhausted, not_retried, asked = await always.submit(), await bug.submit(), await asks.submit()
+        once = await app.submit_async("always", max_attempts=1)  # the submit's budget overrides the task's
+        for handle, error_type in ((exhausted, "ConnectionError"), (not_retried, "KeyError"), (asked, "Retry"),
+                                   (once, "ConnectionError")):
+            with pytest.raises(TaskFailed) as failed:
+                await handle.result(timeout=20)
+            assert failed.value.error_type == error_type
+    assert [app.get_task(h.id).attempts for h in (exhausted, not_retried, asked, once)] == [3, 1, 2, 1]
+    assert _types(app, asked.id) == ["submitted", "started", "retry_scheduled", "started", "dead_lettered"]
+    assert app.get_task(exhausted.id).status is TaskStatus.DEAD_LETTERED
+    assert "raise ConnectionError" in (app.get_task(exhausted.id).traceback or "")
+
+
+async def test_a_replayed_dead_letter_runs_again_with_its_provenance(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(durable_store_url, amqp_url, namespace)
+
+    @app.task(name="divide", max_attempts=2)
+    def divide(x: int, by: int = 0) -> float:
+        return x / by
+
+    async with running(app):
+        handle = await divide.submit(1)
+        with pytest.raises(TaskFailed, match="ZeroDivisionError"):
+            await handle.result(timeout=20)
+        with pytest.raises(DomainError, match="needs a reason"):
+            app.replay_dead_letter(handle.id, reason=" ")
+        state = await asyncio.to_thread(app.replay_dead_letter, handle.id, reason="fixed the divisor",
+                                        actor="operator:ann@ops", kwargs={"by": 4})
+        assert (state.status, state.first_attempt) == (TaskStatus.READY, 3)
+        assert await handle.result(timeout=20) == 0.25
+    replayed = [e for e in app.history(handle.id) if isinstance(e, TaskReplayed)]
+    assert [(e.actor, e.reason, e.kwargs) for e in replayed] == [("operator:ann@ops", "fixed the divisor", {"by": 4})]
+    assert _types(app, handle.id) == ["submitted", "started", "retry_scheduled", "started", "dead_lettered",
+                                      "replayed", "started", "succeeded"]
+    assert app.get_task(handle.id).attempts == 3
+    with pytest.raises(DomainError, match="only a dead letter"):
+        app.replay_dead_letter(handle.id, reason="again")
+
+
+async def test_a_cancelled_task_never_starts_even_when_its_message_is_queued(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    calls: list[int] = []
+
+    @app.task(name="count")
+    def count(n: int) -> int:
+        calls.append(n)
+        return n
+
+    handles = [app.submit("count", [n]) for n in range(3)]
+    async with running(app, queues=["unrelated"]) as worker:  # a relay publishes them; nothing consumes them
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+
+            async def queued() -> int:
+                declared = await channel.declare_queue(worker.topology.work_queue("default"), passive=True)
+                count: int = declared.declaration_result.message_count or 0
+                return count
+
+            await wait_for(lambda: _equals(queued(), 3), timeout=20, what="three work messages in the queue")
+        finally:
+            await connection.close()
+        await asyncio.to_thread(app.cancel, handles[1].id, reason="not needed")
+    async with running(app):
+        assert await handles[0].result(timeout=20) == 0
+        assert await handles[2].result(timeout=20) == 2
+        with pytest.raises(TaskCancelled, match="not needed"):
+            await handles[1].result(timeout=5)
+    assert sorted(calls) == [0, 2]
+    assert _types(app, handles[1].id) == ["submitted", "cancelled"]
+
+
+async def test_a_running_async_task_is_cancelled_and_a_sync_one_has_its_outcome_dropped(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    started = {"async": asyncio.Event(), "sync": threading.Event()}
+    seen: list[str] = []
+    release = threading.Event()
+
+    @app.task(name="forever")
+    async def forever() -> None:
+        started["async"].set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    @app.task(name="blocking")
+    def blocking() -> str:
+        started["sync"].set()
+        release.wait(30)
+        seen.append("sync returned")
+        return "too late"
+
+    async with running(app, concurrency=4) as worker:
+        a, s = await forever.submit(), await blocking.submit()
+        await wait_for(started["async"].is_set, timeout=20, what="the async handler to start")
+        await wait_for(started["sync"].is_set, timeout=20, what="the sync handler to start")
+        await asyncio.to_thread(app.cancel, a.id, reason="operator says stop")
+        await asyncio.to_thread(app.cancel, s.id, reason="no longer wanted")
+        await wait_for(lambda: seen == ["cancelled"], timeout=20, what="the async handler to be cancelled")
+        release.set()
+        await wait_for(lambda: "sync returned" in seen and not worker._inflight, timeout=20,
+                       what="the sync handler to finish")
+    assert _types(app, a.id) == ["submitted", "started", "cancelled"]
+    assert _types(app, s.id) == ["submitted", "started", "cancelled"]  # its late success was dropped
+    assert app.get_task(s.id).cancel_reason == "no longer wanted"
+
+
+async def test_an_open_breaker_defers_its_tasks_without_spending_attempts(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(durable_store_url, amqp_url, namespace)
+    app.breaker("payments", BreakerPolicy(failure_threshold=2, window=60, open_for=0.5, probe_timeout=10))
+    healthy = threading.Event()
+    calls: list[int] = []
+
+    @app.task(name="charge", service="payments")
+    async def charge(n: int) -> int:
+        calls.append(n)
+        if not healthy.is_set():
+            raise ConnectionError("payments is down")
+        return n
+
+    async with running(app, concurrency=1):
+        for n in (1, 2):  # two failures within the window open the breaker
+            with pytest.raises(TaskFailed, match="payments is down"):
+                await (await charge.submit(n)).result(timeout=20)
+        breakers = Breakers(app.store)
+        assert breakers.state("payments").phase.value == "open"
+        waiting = await charge.submit(3)
+        await wait_for(lambda: "deferred" in _types(app, waiting.id), timeout=20, what="the task to be deferred")
+        assert calls == [1, 2]  # it did not run, and spent no attempt
+        healthy.set()
+        assert await waiting.result(timeout=20) == 3  # the probe, once the breaker half-opened
+        after = await charge.submit(4)
+        assert await after.result(timeout=20) == 4
+    history = app.history(waiting.id)
+    assert [e.TYPE for e in history][:2] == ["submitted", "deferred"]
+    assert [e.TYPE for e in history][-2:] == ["started", "succeeded"]
+    assert app.get_task(waiting.id).attempts == 1
+    assert [e.TYPE for e in breakers.timeline("payments")] == ["breaker_failure", "breaker_failure", "breaker_opened",
+                                                               "breaker_probe", "breaker_closed"]
