@@ -73,8 +73,8 @@ def generate(n_events: int, *, seed: int = 0) -> Generated:
             events.append(domain.succeeded_event(task_id, 3, tenant, "worker:1", task_id, i,
                                                  now + timedelta(seconds=3)))
         elif state == "dead_lettered":
-            events.append(domain.dead_lettered_event(task_id, 3, tenant, "worker:1", task_id, "ValueError", "boom", None,
-                                              now + timedelta(seconds=3)))
+            events.append(domain.dead_lettered_event(task_id, 3, tenant, "worker:1", task_id, "ValueError", "boom",
+                                                     None, now + timedelta(seconds=3)))
         elif state == "cancelled":
             events.append(domain.cancel(domain.evolve(None, submitted), reason="no", actor="client:test",
                                         now=now + timedelta(seconds=2)))

@@ -173,8 +173,8 @@ def histories(draw: st.DrawFn) -> History:
         elif step == "succeeded":
             event = domain.succeed(state, result={"n": index}, now=now)
         elif step == "dead_lettered":
-            event = domain.dead_letter(state, error_type="ValueError", message=f"boom {index}", traceback="Traceback ...",
-                                now=now)
+            event = domain.dead_letter(state, error_type="ValueError", message=f"boom {index}",
+                                       traceback="Traceback ...", now=now)
         else:
             event = domain.cancel(state, reason=f"not needed {index}", actor="client:test", now=now)
         states[task_id] = domain.evolve(state, event)

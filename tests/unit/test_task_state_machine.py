@@ -24,30 +24,37 @@ from broker_q.domain.task import FINAL_STATES, MAX_PRIORITY, TaskState, TaskStat
 from broker_q.errors import DomainError
 
 READY, STARTED = TaskStatus.READY, TaskStatus.STARTED
+RETRY_SCHEDULED, DEFERRED = TaskStatus.RETRY_SCHEDULED, TaskStatus.DEFERRED
 SUCCEEDED, DEAD_LETTERED, CANCELLED = TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED
 
 TRANSITIONS: dict[TaskStatus | None, frozenset[TaskStatus]] = {
     None: frozenset({READY}),
-    READY: frozenset({STARTED, CANCELLED}),
-    STARTED: frozenset({STARTED, SUCCEEDED, DEAD_LETTERED, CANCELLED}),  # started -> started: a takeover
+    READY: frozenset({STARTED, DEFERRED, CANCELLED}),
+    # started -> started: a takeover
+    STARTED: frozenset({STARTED, SUCCEEDED, RETRY_SCHEDULED, DEAD_LETTERED, CANCELLED}),
+    RETRY_SCHEDULED: frozenset({STARTED, DEFERRED, CANCELLED}),
+    DEFERRED: frozenset({STARTED, DEFERRED, CANCELLED}),
     SUCCEEDED: frozenset(),
-    DEAD_LETTERED: frozenset(),
+    DEAD_LETTERED: frozenset({READY}),  # replayed by an operator
     CANCELLED: frozenset(),
 }
 """Every status a task may move to from each status (``None``: the task does not exist yet)."""
 
 LEGAL_COMMANDS: dict[TaskStatus | None, frozenset[str]] = {
     None: frozenset({"submit"}),
-    READY: frozenset({"start", "cancel"}),
-    STARTED: frozenset({"start", "succeed", "fail", "cancel"}),
+    READY: frozenset({"start", "defer", "cancel"}),
+    STARTED: frozenset({"start", "succeed", "retry", "fail", "cancel"}),
+    RETRY_SCHEDULED: frozenset({"start", "defer", "cancel"}),
+    DEFERRED: frozenset({"start", "defer", "cancel"}),
     SUCCEEDED: frozenset(),
-    DEAD_LETTERED: frozenset(),
+    DEAD_LETTERED: frozenset({"replay"}),
     CANCELLED: frozenset(),
 }
 
-RESULTING_STATUS = {"submit": READY, "start": STARTED, "succeed": SUCCEEDED, "fail": DEAD_LETTERED, "cancel": CANCELLED}
-EVENT_TYPE = {"submit": "submitted", "start": "started", "succeed": "succeeded", "fail": "dead_lettered",
-              "cancel": "cancelled"}
+RESULTING_STATUS = {"submit": READY, "start": STARTED, "succeed": SUCCEEDED, "retry": RETRY_SCHEDULED,
+                    "fail": DEAD_LETTERED, "defer": DEFERRED, "replay": READY, "cancel": CANCELLED}
+EVENT_TYPE = {"submit": "submitted", "start": "started", "succeed": "succeeded", "retry": "retry_scheduled",
+              "fail": "dead_lettered", "defer": "deferred", "replay": "replayed", "cancel": "cancelled"}
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8) | st.floats(
     allow_nan=False, allow_infinity=False
@@ -75,7 +82,8 @@ class FakeClock:
 def test_the_reference_tables_agree() -> None:
     for status, commands in LEGAL_COMMANDS.items():
         assert {RESULTING_STATUS[c] for c in commands} == TRANSITIONS[status]
-    assert {s for s, targets in TRANSITIONS.items() if not targets} == set(FINAL_STATES)
+    # final: nothing leaves them but an operator's replay of a dead letter
+    assert {s for s, targets in TRANSITIONS.items() if not targets} | {DEAD_LETTERED} == set(FINAL_STATES)
 
 
 class TaskMachine(RuleBasedStateMachine):
@@ -197,11 +205,44 @@ class TaskMachine(RuleBasedStateMachine):
             assert self.state.cancel_reason == reason
             assert self.state.finished_at == now
 
+    @precondition(lambda self: self.state is not None)
+    @rule(message=st.text(max_size=10), delay=st.floats(0, 3600), step=st.floats(0, 3600))
+    def retry(self, message: str, delay: float, step: float) -> None:
+        assert self.state is not None
+        state, now = self.state, self.clock.advance(step)
+        due = now + timedelta(seconds=delay)
+        self._decide("retry", lambda: domain.retry(state, due_at=due, error_type="OSError", message=message,
+                                                   traceback=None, now=now))
+        if self.state is not state and self.state is not None:
+            assert (self.state.due_at, self.state.error, self.state.attempts) == (due, message, state.attempts)
+
+    @precondition(lambda self: self.state is not None)
+    @rule(delay=st.floats(0, 3600), step=st.floats(0, 3600))
+    def defer(self, delay: float, step: float) -> None:
+        assert self.state is not None
+        state, now = self.state, self.clock.advance(step)
+        due = now + timedelta(seconds=delay)
+        self._decide("defer", lambda: domain.defer(state, due_at=due, reason="breaker open", actor="worker:w",
+                                                   now=now))
+        if self.state is not state and self.state is not None:
+            assert (self.state.due_at, self.state.attempts) == (due, state.attempts)  # no attempt spent
+
+    @precondition(lambda self: self.state is not None)
+    @rule(reason=names, kwargs=st.none() | st.dictionaries(names, json_values, max_size=2), step=st.floats(0, 3600))
+    def replay_it(self, reason: str, kwargs: dict[str, Any] | None, step: float) -> None:
+        assert self.state is not None
+        state, now = self.state, self.clock.advance(step)
+        self._decide("replay", lambda: domain.replay_dead_letter(state, reason=reason, actor="operator:o", now=now,
+                                                                 kwargs=kwargs))
+        if self.state is not state and self.state is not None:
+            assert self.state.first_attempt == state.attempts + 1  # the retry budget starts again
+            assert self.state.kwargs == (state.kwargs if kwargs is None else kwargs)
+
     @invariant()
     def a_final_state_never_changes(self) -> None:
         if self.final is not None:
             assert self.state == self.final
-        elif self.state is not None and self.state.is_final:
+        elif self.state is not None and self.state.status in (SUCCEEDED, CANCELLED):
             self.final = self.state
 
     @invariant()
