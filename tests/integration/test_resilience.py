@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -14,7 +18,11 @@ from broker_q.breakers import Breakers
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import TaskReplayed, TaskRetryScheduled, TaskStarted
 from broker_q.errors import DomainError
+from projections.database import open_view_database
+from projections.runner import ProjectionRunner
 from tests.helpers import running, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FAST = RetryPolicy(max_attempts=3, backoff=0.05, backoff_max=0.2)
 
@@ -228,3 +236,47 @@ async def test_an_open_breaker_defers_its_tasks_without_spending_attempts(
     assert app.get_task(waiting.id).attempts == 1
     assert [e.TYPE for e in breakers.timeline("payments")] == ["breaker_failure", "breaker_failure", "breaker_opened",
                                                                "breaker_probe", "breaker_closed"]
+
+
+def _cli(store: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker_q.cli", "--store", store, *args], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+
+
+async def test_cancel_and_dlq_replay_from_the_command_line(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="divide")
+    def divide(x: int, by: int = 0) -> float:
+        return x / by
+
+    waiting = app.submit("divide", [1], {"by": 1})
+    done = await asyncio.to_thread(_cli, sqlite_url, "cancel", str(waiting.id), "--reason", "changed my mind")
+    assert done.returncode == 0, done.stderr
+    assert app.get_task(waiting.id).status is TaskStatus.CANCELLED
+    again = await asyncio.to_thread(_cli, sqlite_url, "cancel", str(waiting.id))
+    assert (again.returncode, again.stderr.count("\n")) == (1, 1)
+    assert "cancelled: it cannot be cancelled" in again.stderr
+
+    async with running(app):
+        handles = [await divide.submit(n) for n in (1, 2, 3)]
+        for handle in handles:
+            with pytest.raises(TaskFailed):
+                await handle.result(timeout=20)
+        one = await asyncio.to_thread(_cli, sqlite_url, "dlq", "replay", str(handles[0].id), "--reason", "by two",
+                                      "--kwargs", '{"by": 2}')
+        assert one.returncode == 0, one.stderr
+        assert await handles[0].result(timeout=20) == 0.5
+        runner = ProjectionRunner(app.store, open_view_database(sqlite_url))
+        await asyncio.to_thread(runner.setup)
+        await asyncio.to_thread(runner.catch_up)
+        every = await asyncio.to_thread(_cli, sqlite_url, "dlq", "replay", "--all", "--task", "divide", "--reason",
+                                        "divisor fixed", "--kwargs", '{"by": 4}')
+        assert every.returncode == 0, every.stderr
+        assert "2 dead letter(s) replayed" in every.stderr
+        assert [await h.result(timeout=20) for h in handles[1:]] == [0.5, 0.75]
+    replayed = [e for e in app.history(handles[2].id) if isinstance(e, TaskReplayed)]
+    assert [(e.reason, e.kwargs, e.actor.startswith("operator:")) for e in replayed] == [
+        ("divisor fixed", {"by": 4}, True)]
