@@ -182,6 +182,7 @@ class Relay:
     async def _run_connected(self, stop: asyncio.Event) -> None:
         connection = await connect(self._amqp_url, name=f"broker_q relay {self._name}")
         in_flight: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        scheduler: asyncio.Task[None] | None = None
         try:
             # A work message the broker returns (no queue bound: deleted by an operator, say) must
             # fail its page, not count as confirmed: on_return_raises makes the publish raise.
@@ -234,12 +235,13 @@ class Relay:
                 in_flight.clear()
             if self.position > recorded_position:
                 await asyncio.to_thread(self._store.set_position, self._name, self.position)
-            scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await scheduler
         finally:
             for _, page in in_flight:
                 page.cancel()
+            if scheduler is not None:
+                scheduler.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await scheduler  # its failure, if any, was raised above already
             await connection.close()
 
     async def _publish(

@@ -280,3 +280,33 @@ async def test_cancel_and_dlq_replay_from_the_command_line(
     replayed = [e for e in app.history(handles[2].id) if isinstance(e, TaskReplayed)]
     assert [(e.reason, e.kwargs, e.actor.startswith("operator:")) for e in replayed] == [
         ("divisor fixed", {"by": 4}, True)]
+
+
+async def test_a_waiting_retry_survives_a_restart_of_the_relay_and_the_worker(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(durable_store_url, amqp_url, namespace)
+    calls: list[int] = []
+
+    @app.task(name="later", max_attempts=2)
+    async def later() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Retry("come back later", delay=1.5)
+        return "done"
+
+    async with running(app):
+        handle = await later.submit()
+        await wait_for(lambda: app.get_task(handle.id).status is TaskStatus.RETRY_SCHEDULED, timeout=20,
+                       what="the retry to be scheduled")
+        await wait_for(lambda: app.store.timers.count() == 1, timeout=20, what="the relay to store its timer")
+    # Every process of this app has stopped: the timer is on disk, no message or worker holds the task.
+    assert app.store.timers.count() == 1
+    assert calls == [1]
+    async with running(app):
+        assert await handle.result(timeout=20) == "done"
+    assert app.store.timers.count() == 0
+    retry, start = app.history(handle.id)[2:4]
+    assert isinstance(retry, TaskRetryScheduled)
+    assert isinstance(start, TaskStarted)
+    assert start.timestamp >= retry.due_at
