@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition, TaskHandle
     from broker_q.domain.retry import Retry, RetryPolicy
+    from broker_q.limits import SoftTimeLimitExceeded, TimeLimitExceeded
     from broker_q.domain.task import TaskState, TaskStatus
     from broker_q.errors import (
         BrokerQError,
@@ -41,6 +42,7 @@ __all__ = [
     "RetryPolicy",
     "SerializationError",
     "Settings",
+    "SoftTimeLimitExceeded",
     "StoreError",
     "StoreUnavailable",
     "TaskCancelled",
@@ -50,6 +52,7 @@ __all__ = [
     "TaskNotFound",
     "TaskState",
     "TaskStatus",
+    "TimeLimitExceeded",
     "UnknownTask",
     "ValidationError",
 ]
@@ -62,6 +65,8 @@ _WHERE = {
     "TaskHandle": "broker_q.app",
     "Retry": "broker_q.domain.retry",
     "RetryPolicy": "broker_q.domain.retry",
+    "SoftTimeLimitExceeded": "broker_q.limits",
+    "TimeLimitExceeded": "broker_q.limits",
     "TaskState": "broker_q.domain.task",
     "TaskStatus": "broker_q.domain.task",
     "Settings": "broker_q.settings",

@@ -264,8 +264,30 @@ def _serve(options: argparse.Namespace, components: Callable[[asyncio.Event], li
                 raise task.exception()  # type: ignore[misc]
         await asyncio.gather(*tasks)
 
-    asyncio.run(serve())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        _close(loop)
     return 0
+
+
+def _close(loop: asyncio.AbstractEventLoop, grace: float = 5.0) -> None:
+    """Close ``loop`` like ``asyncio.run`` does, but give up on tasks that ignore cancellation.
+
+    An async handler that swallows every ``CancelledError`` was abandoned at its hard time limit
+    (``broker_q.limits``); waiting for it here would keep the process from ever exiting.
+    """
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=grace))
+        if stuck:
+            logging.getLogger(__name__).warning("exiting with %d task(s) that ignored cancellation", len(stuck))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ leak past it::
     │   ├── ConcurrencyConflict   the expected stream version was taken: someone else wrote first
     │   └── StoreUnavailable      the event store cannot be reached now; the call may be retried
     ├── BrokerUnavailable         RabbitMQ cannot be reached now
-    └── TaskFailed                raised by ``TaskHandle.wait`` when the task ended in failure
-        └── TaskCancelled
+    ├── TaskFailed                raised by ``TaskHandle.wait`` when the task ended in failure
+    │   └── TaskCancelled
+    └── (in ``broker_q.limits``, raised inside or for a handler)
+        SoftTimeLimitExceeded, TimeLimitExceeded, HandlerError (an isolated handler's own error)
     TimeoutError (builtin)        raised by waits that run out of time
 """
 

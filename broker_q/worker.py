@@ -66,6 +66,7 @@ from broker_q.domain.task import (
     task_id_for,
 )
 from broker_q.errors import ConcurrencyConflict, SerializationError, StoreUnavailable, ValidationError
+from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.store.writer import GroupCommitWriter
 from broker_q.wire import ENVELOPE_CONTENT_TYPE, TaskEnvelope, WorkMessage
 
@@ -367,6 +368,11 @@ class Worker:
             if definition is None:
                 raise LookupError(f"no handler is registered for task {work.task!r} on {self.id}")
             result = await self._call(definition, work)
+        except TimeLimitExceeded as e:
+            return self._failed(definition, work, version, e, traceback.format_exc(), timed_out=True)
+        except HandlerError as e:  # raised in an isolated process: its own type and traceback
+            return self._failed(definition, work, version, e, e.traceback or "", error_type=e.error_type,
+                                message=e.message)
         except Exception as e:
             return self._failed(definition, work, version, e, traceback.format_exc())
         try:
@@ -377,24 +383,29 @@ class Worker:
         return succeeded_event(work.id, version, work.tenant, self.id, work.correlation_id, result, _now())
 
     async def _call(self, definition: TaskDefinition[Any, Any], work: WorkMessage) -> Any:
-        if definition.is_async:
-            return await definition.fn(*work.args, **work.kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(definition.fn, *work.args, **work.kwargs))
+        """Run the handler under its time limits (the task's own, or the handler's)."""
+        soft = work.soft_time_limit if work.soft_time_limit is not None else definition.soft_time_limit
+        hard = work.time_limit if work.time_limit is not None else definition.time_limit
+        return await run_handler(definition.fn, work.args, work.kwargs, is_async=definition.is_async,
+                                 soft_time_limit=soft, time_limit=hard, pool=self._pool,
+                                 isolation=definition.isolation,
+                                 target=(definition.fn.__module__, definition.fn.__qualname__))
 
     def _failed(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
-                error: Exception, trace: str, *, prefix: str = "", timed_out: bool = False) -> TaskEvent:
+                error: Exception, trace: str, *, prefix: str = "", timed_out: bool = False,
+                error_type: str | None = None, message: str | None = None) -> TaskEvent:
         """A retry or a dead letter, as the task's retry policy decides for ``error``."""
         policy = definition.retry if definition is not None else RetryPolicy()
         decision = policy.decide(error, tries=work.attempt - work.first_attempt + 1, draw=random.random(),
                                  max_attempts=work.max_attempts)
         now = _now()
-        message = prefix + str(error)
+        error_type = error_type or type(error).__name__
+        message = prefix + (str(error) if message is None else message)
         if decision.delay is not None:
             return retry_scheduled_event(work.id, version, work.tenant, self.id, work.correlation_id,
-                                         now + timedelta(seconds=decision.delay), type(error).__name__, message,
+                                         now + timedelta(seconds=decision.delay), error_type, message,
                                          trace, now, timed_out=timed_out)
-        return dead_lettered_event(work.id, version, work.tenant, self.id, work.correlation_id, type(error).__name__,
+        return dead_lettered_event(work.id, version, work.tenant, self.id, work.correlation_id, error_type,
                                    message, trace, now, timed_out=timed_out)
 
     async def _on_cancellations(self, message: AbstractIncomingMessage) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from broker_q.errors import DomainError
 from projections.database import open_view_database
 from projections.runner import ProjectionRunner
 from tests.helpers import running, wait_for
+from tests.integration import isolated
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -310,3 +312,47 @@ async def test_a_waiting_retry_survives_a_restart_of_the_relay_and_the_worker(
     assert isinstance(retry, TaskRetryScheduled)
     assert isinstance(start, TaskStarted)
     assert start.timestamp >= retry.due_at
+
+
+async def test_time_limits_stop_handlers_and_are_recorded(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], tmp_path: Path
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    cleaned: list[str] = []
+    released = threading.Event()
+
+    @app.task(name="slow", soft_time_limit=0.2)
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cleaned.append("slow")
+            raise
+
+    @app.task(name="stubborn", time_limit=0.3)
+    async def stubborn() -> None:
+        while not released.is_set():  # swallows every cancellation until the test ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    app.task(name="stuck", isolation="process", time_limit=1.0)(isolated.stuck)
+    app.task(name="pid", isolation="process")(isolated.pid)
+
+    async with running(app, concurrency=4):
+        soft, hard = await slow.submit(), await stubborn.submit()
+        marker = tmp_path / "stuck.pid"
+        killed = await app.submit_async("stuck", [str(marker)])
+        elsewhere = await app.submit_async("pid")
+        with pytest.raises(TaskFailed) as failed:
+            await soft.result(timeout=20)
+        assert failed.value.error_type == "SoftTimeLimitExceeded"
+        for handle in (hard, killed):
+            with pytest.raises(TaskFailed) as failed:
+                await handle.result(timeout=20)
+            assert failed.value.error_type == "TimeLimitExceeded"
+            assert app.get_task(handle.id).timed_out
+        assert await elsewhere.result(timeout=20) != os.getpid()  # it ran in a process of its own
+        released.set()
+    assert cleaned == ["slow"]
+    child = int(marker.read_text())
+    await wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=10, what="the stuck child to be killed")
