@@ -166,6 +166,20 @@ def report(tally: Tally, keys: dict[str, uuid.UUID], log: Path | None, lost: lis
     return result
 
 
+# -- poison messages ----------------------------------------------------------------------
+
+POISON_EXTRA: dict[str, tuple[bytes, str | None, tuple[str, ...]]] = {
+    # Beyond test_foreign_client.REFUSED: fields of the wrong JSON type, and bodies that are no object.
+    "args-not-an-array": (b'{"task": "add", "args": {"x": 1}}', "application/json", ("args",)),
+    "kwargs-not-an-object": (b'{"task": "add", "kwargs": [1, 2]}', "application/json", ("kwargs",)),
+    "task-not-a-string": (b'{"task": 42, "args": [1, 2]}', "application/json", ("task",)),
+    "priority-out-of-range": (b'{"task": "add", "args": [1, 2], "priority": 99}', "application/json",
+                              ("priority",)),
+    "array-body": (b"[1, 2]", "application/json", ("invalid task envelope",)),
+    "empty-body": (b"", None, ("invalid task envelope",)),
+}
+
+
 # -- submitting -------------------------------------------------------------------------------
 
 
@@ -360,18 +374,22 @@ async def kill_workers(
     kills: int,
     every: tuple[float, float] = (1.0, 2.0),
 ) -> int:
-    """SIGKILL a worker while it has a task started, ``kills`` times or until ``until()``; start a new
-    worker after each kill. Another worker, started by the caller, keeps running. Returns the kills."""
+    """SIGKILL a worker while it has a task started, up to ``kills`` times or until ``until()``; start a
+    new worker after each kill. Another worker, started by the caller, keeps running. Returns the kills
+    (each of them mid-task: a round without a task running on the victim within 10 s kills nothing)."""
     victim = await processes.worker()
     done = 0
     while done < kills and not until():
         await asyncio.sleep(random.uniform(*every))
-        deadline = time.monotonic() + 10
         # Kill it mid-task: wait (polling the store, the only place that knows) until a task it started is unfinished.
-        while tally.try_refresh() and not tally.running_on(victim.pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+        deadline = time.monotonic() + 10
+        while not (tally.try_refresh() and tally.running_on(victim.pid)):
+            if time.monotonic() > deadline or until():
+                break
             await asyncio.sleep(0.005)
-        victim.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(victim.wait, 10)
-        done += 1
-        victim = await processes.worker()
+        else:
+            victim.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(victim.wait, 10)
+            done += 1
+            victim = await processes.worker()
     return done
