@@ -5,7 +5,9 @@ Settings come from the environment each test sets (BROKER_Q_STORE, BROKER_Q_NAME
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -35,3 +37,40 @@ def sleep_then_return(seconds: float, marker: str) -> str:
     Path(marker).write_text(str(os.getpid()))
     time.sleep(seconds)
     return threading.current_thread().name
+
+
+# -- for the fault tests and soaks (tests/faults.py) ------------------------------------------
+
+
+def _note(log: str, line: str) -> None:
+    # One write(2) on an O_APPEND file: lines of several processes never interleave, and a line is
+    # on disk (in the page cache) before the handler goes on, so a SIGKILL cannot lose it.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
+
+
+@app.task(name="slow")
+async def slow(key: str, log: str) -> str:
+    """Takes 5-20 ms, noting ``start KEY`` and ``end KEY`` in ``log``: each line is one handler invocation."""
+    _note(log, f"start {key}")
+    await asyncio.sleep(random.uniform(0.005, 0.020))
+    _note(log, f"end {key}")
+    return key
+
+
+@app.task(name="raises")
+async def raises(key: str) -> None:
+    raise ValueError(f"refused {key}")
+
+
+@app.task(name="returns_set")
+def returns_set(key: str) -> set[str]:
+    return {key}
+
+
+@app.task(name="returns_object")
+async def returns_object(key: str) -> object:
+    return object()
