@@ -52,8 +52,9 @@ def fill(url: str, n_events: int) -> None:
                 outcome = domain.succeeded_event(task_id, 3, submitted.tenant, "worker:bench", task_id, i,
                                                  now + timedelta(milliseconds=9))
             else:
-                outcome = domain.dead_lettered_event(task_id, 3, submitted.tenant, "worker:bench", task_id, "ValueError",
-                                              "bad input", "Traceback ...", now + timedelta(milliseconds=9))
+                outcome = domain.dead_lettered_event(task_id, 3, submitted.tenant, "worker:bench", task_id,
+                                                     "ValueError", "bad input", "Traceback ...",
+                                                     now + timedelta(milliseconds=9))
             events += [submitted, started, outcome]
         store.append(events)
     store.close()

@@ -38,13 +38,13 @@ from typing import Any
 import aio_pika
 
 from broker_q import App, StoreUnavailable
-from broker_q.domain.events import IngressRejected, TaskEvent, TaskFailed, TaskStarted
+from broker_q.domain.events import IngressRejected, TaskDeadLettered, TaskEvent, TaskStarted
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.integration.apps:app"
 
-FINAL_FAILURE = frozenset({"failed", "dead_lettered"})
-"""The type of a task's last event when it failed for good (``failed`` is being renamed ``dead_lettered``)."""
+FINAL_FAILURE = frozenset({"dead_lettered"})
+"""The type of a task's last event when it failed for good."""
 FINAL = FINAL_FAILURE | {"succeeded", "cancelled"}
 
 
@@ -103,9 +103,9 @@ class Tally:
         mark = f":{pid}:"
         return [t for t, worker in self._running.items() if mark in worker]
 
-    def failure(self, task_id: uuid.UUID) -> TaskFailed:
+    def failure(self, task_id: uuid.UUID) -> TaskDeadLettered:
         event = self.history[task_id][-1]
-        assert isinstance(event, TaskFailed), f"task {task_id} ended {event.TYPE}, not failed"
+        assert isinstance(event, TaskDeadLettered), f"task {task_id} ended {event.TYPE}, not dead_lettered"
         return event
 
 
