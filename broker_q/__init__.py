@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition, TaskHandle
     from broker_q.domain.retry import Retry, RetryPolicy
-    from broker_q.limits import SoftTimeLimitExceeded, TimeLimitExceeded
     from broker_q.domain.task import TaskState, TaskStatus
     from broker_q.errors import (
         BrokerQError,
@@ -29,6 +28,8 @@ if TYPE_CHECKING:
         UnknownTask,
         ValidationError,
     )
+    from broker_q.limits import SoftTimeLimitExceeded, TimeLimitExceeded
+    from broker_q.middleware import Middleware
     from broker_q.settings import Settings
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ConcurrencyConflict",
     "ConfigurationError",
     "DomainError",
+    "Middleware",
     "Retry",
     "RetryPolicy",
     "SerializationError",
@@ -67,6 +69,7 @@ _WHERE = {
     "RetryPolicy": "broker_q.domain.retry",
     "SoftTimeLimitExceeded": "broker_q.limits",
     "TimeLimitExceeded": "broker_q.limits",
+    "Middleware": "broker_q.middleware",
     "TaskState": "broker_q.domain.task",
     "TaskStatus": "broker_q.domain.task",
     "Settings": "broker_q.settings",

@@ -45,6 +45,7 @@ from broker_q.errors import (
     TaskNotFound,
     ValidationError,
 )
+from broker_q.middleware import Middleware
 from broker_q.settings import Settings
 from broker_q.store.eventsourcing import open_store
 from broker_q.store.port import EventStore
@@ -76,6 +77,8 @@ class App:
             self._settings = self._build()
         self.actor = f"client:{socket.gethostname()}:{os.getpid()}"
         self._tasks: dict[str, TaskDefinition[Any, Any]] = {}
+        self.middleware: list[Middleware] = []
+        """Hooks run around every attempt in this app's workers (:meth:`add_middleware`)."""
         self.breaker_policies: dict[str, BreakerPolicy] = {}
         """Each downstream service's circuit breaker policy (:meth:`breaker`); others get the default."""
         self._store: EventStore | None = None
@@ -170,6 +173,12 @@ class App:
             return definition
 
         return register if fn is None else register(fn)
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Run ``middleware``'s hooks around every attempt (:mod:`broker_q.middleware`)."""
+        if not isinstance(middleware, Middleware):
+            raise ConfigurationError(f"{middleware!r} is not a broker_q.middleware.Middleware")
+        self.middleware.append(middleware)
 
     def breaker(self, service: str, policy: BreakerPolicy) -> None:
         """Set the circuit breaker policy of ``service`` (tasks name it: ``@app.task(service=...)``)."""

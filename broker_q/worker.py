@@ -67,6 +67,7 @@ from broker_q.domain.task import (
 )
 from broker_q.errors import ConcurrencyConflict, SerializationError, StoreUnavailable, ValidationError
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
+from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
 from broker_q.wire import ENVELOPE_CONTENT_TYPE, TaskEnvelope, WorkMessage
 
@@ -362,11 +363,25 @@ class Worker:
 
     async def _execute(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage,
                        started: TaskStarted) -> TaskEvent:
-        """Run the handler; return the attempt's outcome event (not yet appended)."""
+        """Run the middleware and the handler; return the attempt's outcome event (not yet appended)."""
         version = started.version + 1
+        attempt = Attempt(task_id=work.id, task=work.task, queue=work.queue, tenant=work.tenant,
+                          attempt=started.attempt, worker=self.id, args=work.args, kwargs=work.kwargs)
+        outcome = await self._outcome(definition, work, version, attempt)
+        for middleware in reversed(self.app.middleware):
+            try:
+                await run_hook(middleware, "after_attempt", attempt, outcome)
+            except MiddlewareError as e:
+                outcome = self._failed(definition, work, version, e, traceback.format_exc())
+        return outcome
+
+    async def _outcome(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
+                       attempt: Attempt) -> TaskEvent:
         try:
             if definition is None:
                 raise LookupError(f"no handler is registered for task {work.task!r} on {self.id}")
+            for middleware in self.app.middleware:
+                await run_hook(middleware, "before_attempt", attempt)
             result = await self._call(definition, work)
         except TimeLimitExceeded as e:
             return self._failed(definition, work, version, e, traceback.format_exc(), timed_out=True)

@@ -6,7 +6,7 @@ machine meanwhile may fail. Deselect them with ``-m "not disruptive"``. The othe
 kill processes of their own.
 
 ``bench/soak.py`` runs the same faults for longer (the code shared with it is ``tests/faults.py``).
-Not covered: an exception leaking from middleware, because broker_q has no middleware hooks yet.
+An exception leaking from a middleware hook is covered in test_resilience.py (it needs an app of its own).
 """
 
 from __future__ import annotations

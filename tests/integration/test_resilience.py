@@ -17,8 +17,9 @@ import pytest
 from broker_q import App, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus
 from broker_q.breakers import Breakers
 from broker_q.domain.breaker import BreakerPolicy
-from broker_q.domain.events import TaskReplayed, TaskRetryScheduled, TaskStarted
-from broker_q.errors import DomainError
+from broker_q.domain.events import TaskEvent, TaskReplayed, TaskRetryScheduled, TaskStarted
+from broker_q.errors import ConfigurationError, DomainError
+from broker_q.middleware import Attempt, Middleware
 from projections.database import open_view_database
 from projections.runner import ProjectionRunner
 from tests.helpers import running, wait_for
@@ -356,3 +357,51 @@ async def test_time_limits_stop_handlers_and_are_recorded(
     assert cleaned == ["slow"]
     child = int(marker.read_text())
     await wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=10, what="the stuck child to be killed")
+
+
+async def test_a_middleware_that_raises_fails_the_attempt_and_the_worker_keeps_going(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    seen: list[tuple[str, str, str]] = []
+
+    class Trace(Middleware):
+        async def before_attempt(self, attempt: Attempt) -> None:
+            seen.append(("before", attempt.task, str(attempt.attempt)))
+
+        def after_attempt(self, attempt: Attempt, outcome: TaskEvent) -> None:
+            seen.append(("after", attempt.task, outcome.TYPE))
+
+    class Picky(Middleware):
+        def before_attempt(self, attempt: Attempt) -> None:
+            if attempt.kwargs.get("refuse"):
+                raise PermissionError("not this one")
+
+        async def after_attempt(self, attempt: Attempt, outcome: TaskEvent) -> None:
+            if attempt.kwargs.get("spoil"):
+                raise RuntimeError("audit sink down")
+
+    app.add_middleware(Trace())
+    app.add_middleware(Picky())
+    with pytest.raises(ConfigurationError):
+        app.add_middleware(object())  # type: ignore[arg-type]
+
+    @app.task(name="echo")
+    async def echo(refuse: bool = False, spoil: bool = False) -> str:
+        return "ran"
+
+    async with running(app, concurrency=1):
+        refused, spoiled, fine = (await echo.submit(refuse=True), await echo.submit(spoil=True),
+                                  await echo.submit())
+        with pytest.raises(TaskFailed) as failed:
+            await refused.result(timeout=20)
+        assert (failed.value.error_type, failed.value.message) == (
+            "MiddlewareError", "middleware Picky.before_attempt raised PermissionError: not this one")
+        with pytest.raises(TaskFailed) as failed:
+            await spoiled.result(timeout=20)
+        assert failed.value.message == "middleware Picky.after_attempt raised RuntimeError: audit sink down"
+        assert await fine.result(timeout=20) == "ran"
+    # before: in registration order; after: in reverse, the outer one seeing what the inner made of it
+    assert seen == [("before", "echo", "1"), ("after", "echo", "dead_lettered"),
+                    ("before", "echo", "1"), ("after", "echo", "dead_lettered"),
+                    ("before", "echo", "1"), ("after", "echo", "succeeded")]

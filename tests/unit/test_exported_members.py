@@ -14,6 +14,7 @@ EXPORTED = {
         "ConcurrencyConflict",
         "ConfigurationError",
         "DomainError",
+        "Middleware",
         "Retry",
         "RetryPolicy",
         "SerializationError",
