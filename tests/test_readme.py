@@ -46,7 +46,7 @@ async def test_the_python_examples_run(
     monkeypatch.setenv("BROKER_Q_STORE", sqlite_url)
     monkeypatch.setenv("BROKER_Q_AMQP_URL", amqp_url)
     monkeypatch.setenv("BROKER_Q_NAMESPACE", namespace)
-    define, use = blocks("python")
+    define, use, *more = blocks("python")
     scope: dict[str, Any] = {}
     exec(compile(define, "README.md (define)", "exec"), scope)
     async with running(scope["app"]):
@@ -56,6 +56,8 @@ async def test_the_python_examples_run(
         def use_it() -> None:
             try:
                 exec(compile(use, "README.md (use)", "exec"), scope)
+                for index, block in enumerate(more):
+                    exec(compile(block, f"README.md (python block {index + 3})", "exec"), scope)
             except BaseException as e:
                 error.append(e)
 
