@@ -29,7 +29,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.utils import Environment
 
-from broker_q.codec import decode_event, encode_event
+from broker_q.codec import decode_event, encode_event, parse_uuid
 from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
 from broker_q.store.port import AppendResult, Recorded
@@ -61,7 +61,11 @@ def store_environment(url: str) -> dict[str, str]:
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///path/to/file.sqlite")
-        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path, "SQLITE_LOCK_TIMEOUT": "30"}
+        # Stream ids come back as the stored text (32 hex digits), which parse_uuid reads at a fifth
+        # of the cost of the library's uuid.UUID(text): a third of a raw read of the log. The
+        # column is TEXT either way, so the file is the same.
+        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path, "SQLITE_LOCK_TIMEOUT": "30",
+                "ORIGINATOR_ID_TYPE": "text"}
     if scheme in ("postgresql", "postgres"):
         query = parse_qs(parts.query)
         dbname = parts.path.lstrip("/")
@@ -298,4 +302,4 @@ def _translated_sql() -> Iterator[None]:
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+    return value if isinstance(value, uuid.UUID) else parse_uuid(value)
