@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--sqlite-events", type=int, default=1_000_000)
     parser.add_argument("--postgres-events", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     options = parser.parse_args()

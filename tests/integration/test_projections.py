@@ -293,7 +293,7 @@ def test_a_batch_that_fails_half_way_leaves_nothing_behind(durable_store_url: st
 
 # -- SIGKILL in the middle of the catch-up ------------------------------------------------------------
 
-BATCH = 2000
+BATCH = 10_000
 """The batch size of ``broker-q projections run`` (the runner's default)."""
 
 
