@@ -113,7 +113,13 @@ def parse_uuid(text: str) -> uuid.UUID:
     return parsed
 
 
-def decode_event(stream_id: uuid.UUID, version: int, topic: str, state: bytes) -> Event:
+def decode_event(stream_id: uuid.UUID | str, version: int, topic: str, state: bytes) -> Event:
+    """The event stored as ``state`` under ``topic``; ``stream_id`` as a UUID or in its canonical text
+    (as SQLite stores it, which spares formatting the id again to compare it with the correlation id)."""
+    if isinstance(stream_id, str):
+        text, stream_id = stream_id, parse_uuid(stream_id)
+    else:
+        text = str(stream_id)
     cls = TOPICS.get(topic)
     if cls is None:
         raise ValidationError(f"unknown event topic {topic!r}")
@@ -122,7 +128,7 @@ def decode_event(stream_id: uuid.UUID, version: int, topic: str, state: bytes) -
         data["timestamp"] = datetime.fromisoformat(data["timestamp"])
         correlation = data["correlation_id"]
         # A task's own id is its correlation id unless a caller passed one through: reuse the object.
-        data["correlation_id"] = stream_id if correlation == str(stream_id) else parse_uuid(correlation)
+        data["correlation_id"] = stream_id if correlation == text else parse_uuid(correlation)
         causation = data.get("causation_id")
         if causation is not None:
             data["causation_id"] = parse_uuid(causation)

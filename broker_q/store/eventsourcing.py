@@ -29,7 +29,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.utils import Environment
 
-from broker_q.codec import decode_event, encode_event, parse_uuid
+from broker_q.codec import decode_event, encode_event
 from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
 from broker_q.store.port import AppendResult, Recorded
@@ -217,7 +217,7 @@ class RecorderEventStore:
     def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None) -> list[Event]:
         with _translated():
             stored = self._recorder.select_events(stream_id, lte=to_version)
-        return [decode_event(_as_uuid(s.originator_id), s.originator_version, s.topic, s.state) for s in stored]
+        return [decode_event(s.originator_id, s.originator_version, s.topic, s.state) for s in stored]
 
     def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:
         if limit <= 0:
@@ -227,7 +227,7 @@ class RecorderEventStore:
                 start=after, limit=limit, stop=to_position, inclusive_of_start=False
             )
         return [
-            Recorded(n.id, decode_event(_as_uuid(n.originator_id), n.originator_version, n.topic, n.state), n.state)
+            Recorded(n.id, decode_event(n.originator_id, n.originator_version, n.topic, n.state), n.state)
             for n in notifications
         ]
 
@@ -299,7 +299,3 @@ def _translated_sql() -> Iterator[None]:
                 if isinstance(e, psycopg.Error):
                     raise StoreError(f"event store error: {e}") from e
             raise
-
-
-def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else parse_uuid(value)
