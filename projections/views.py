@@ -15,12 +15,12 @@ at all, and never twice.
 from __future__ import annotations
 
 import bisect
-import json
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
+from broker_q.codec import dumps
 from broker_q.domain.events import (
     BreakerClosed,
     BreakerFailureRecorded,
@@ -102,17 +102,15 @@ class TasksView:
             count BIGINT NOT NULL, total {real} NOT NULL, PRIMARY KEY (metric, tenant, queue, bucket))""")
 
     def apply(self, cursor: Cursor, generation: int, batch: Sequence[Recorded]) -> None:
-        tasks_table = table("tasks", generation)
-        rows = self._load(cursor, tasks_table, batch)
+        # Each task's id formatted once: formatting ids was a tenth of a catch-up.
+        items = [(record, event, event.stream_id.hex) for record in batch
+                 if isinstance(event := record.event, TaskEvent)]
+        rows = self._load(cursor, table("tasks", generation), items)
         counts: Counter[tuple[str, str, str]] = Counter()
         outcomes: Counter[tuple[str, str, str, str]] = Counter()
         durations: dict[tuple[str, str, str, int], list[float]] = {}
         changed: dict[str, dict[str, Any]] = {}
-        for record in batch:
-            event = record.event
-            if not isinstance(event, TaskEvent):
-                continue
-            task_id = event.stream_id.hex
+        for record, event, task_id in items:
             ts = event.timestamp.timestamp()
             if isinstance(event, TaskSubmitted):
                 if task_id in rows:
@@ -138,7 +136,7 @@ class TasksView:
                     _observe(durations, "queue_wait", key, ts - row["ready_at"])
                 row.update(state="started", attempts=event.attempt, worker=event.worker, started_at=ts)
             elif isinstance(event, TaskSucceeded):
-                row.update(state="succeeded", finished_at=ts, result=json.dumps(event.result))
+                row.update(state="succeeded", finished_at=ts, result=dumps(event.result).decode())
                 _observe(durations, "run", key, ts - (row["started_at"] or ts))
                 outcomes[(*key, row["task"], "succeeded")] += 1
             elif isinstance(event, (TaskRetryScheduled, TaskDeadLettered)):
@@ -166,10 +164,11 @@ class TasksView:
                 counts[(*key, row["state"])] += 1
         self._write(cursor, generation, changed, counts, outcomes, durations)
 
-    def _load(self, cursor: Cursor, tasks_table: str, batch: Sequence[Recorded]) -> dict[str, dict[str, Any]]:
-        """The rows of the tasks of ``batch`` that were submitted before it."""
-        submitted = {r.event.stream_id.hex for r in batch if isinstance(r.event, TaskSubmitted)}
-        wanted = sorted({r.event.stream_id.hex for r in batch if isinstance(r.event, TaskEvent)} - submitted)
+    def _load(self, cursor: Cursor, tasks_table: str,
+              items: Sequence[tuple[Recorded, TaskEvent, str]]) -> dict[str, dict[str, Any]]:
+        """The rows of the tasks of ``items`` (record, event, task id) that were submitted before them."""
+        submitted = {task_id for _, event, task_id in items if isinstance(event, TaskSubmitted)}
+        wanted = sorted({task_id for _, _, task_id in items} - submitted)
         rows: dict[str, dict[str, Any]] = {}
         columns = ", ".join(_TASK_COLUMNS)
         for start in range(0, len(wanted), 500):
@@ -264,11 +263,18 @@ class AuditView:
         cursor.executemany(
             f"INSERT INTO {table('audit', generation)} ({', '.join(_AUDIT_COLUMNS)}) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.position, r.event.timestamp.timestamp(), r.event.tenant, r.event.actor, r.event.stream_id.hex,
-              *((r.event.stream_id.hex, r.event.TYPE, summary(r.event), task_key(r.event.stream_id))
-                if isinstance(r.event, TaskEvent) else (None, r.event.TYPE, summary(r.event), None)))
-             for r in batch],
+            [_audit_row(r.position, r.event) for r in batch],
         )
+
+
+def _audit_row(position: int, event: Any) -> tuple[Any, ...]:
+    stream = event.stream_id
+    hex_id = stream.hex
+    if isinstance(event, TaskEvent):
+        return (position, event.timestamp.timestamp(), event.tenant, event.actor, hex_id, hex_id, event.TYPE,
+                summary(event), (stream.int >> 64) - (1 << 63))  # task_key(), inline: once per event
+    return (position, event.timestamp.timestamp(), event.tenant, event.actor, hex_id, None, event.TYPE,
+            summary(event), None)
 
 
 def summary(event: Any) -> str:

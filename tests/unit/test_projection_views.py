@@ -10,7 +10,6 @@ computed here in plain Python from the histories themselves.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections import Counter
@@ -23,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker_q.codec import dumps
 from broker_q.domain import task as domain
 from broker_q.domain.events import Event, IngressRejected, TaskEvent
 from broker_q.domain.task import TaskState
@@ -250,7 +250,7 @@ def reference(history: History, positions: Sequence[int]) -> Reference:
         error = {"dead_lettered": ("ValueError", f"boom {index}"), "cancelled": ("Cancelled", f"not needed {index}")}
         tasks.append((
             task_id.hex, plan.tenant, plan.queue, plan.name, plan.state, plan.starts, len(plan.steps),
-            json.dumps({"n": index}) if plan.ending == "succeeded" else None,
+            dumps({"n": index}).decode() if plan.ending == "succeeded" else None,
             *error.get(plan.ending or "", (None, None)),
             submitted, submitted, starts[-1] if starts else None, finished, stream[-1][0],
         ))
