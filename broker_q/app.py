@@ -16,8 +16,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeAlias, TypeVar, overload
 
 import pydantic
 
@@ -225,13 +225,21 @@ class App:
         max_attempts: int | None = None,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        depends_on: Sequence[TaskRef] = (),
     ) -> TaskHandle[Any]:
         """Record a new task and return its handle. The same ``idempotency_key`` gives the same task.
 
         ``max_attempts``, ``time_limit`` and ``soft_time_limit`` override the task's own for this task.
+        ``eta`` (an aware datetime) or ``countdown`` (seconds from now): the task is blocked until
+        then, and held by no worker meanwhile. ``depends_on``: tasks (ids or handles) that must all
+        succeed first; if one of them fails for good, this task is cancelled (``upstream_failed``).
         """
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit))
+                                _Limits(max_attempts, time_limit, soft_time_limit),
+                                _when(eta, countdown), _task_ids(depends_on))
+        self._check_parents(event)
         try:
             self.store.append([event])
         except ConcurrencyConflict:
@@ -253,10 +261,16 @@ class App:
         max_attempts: int | None = None,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        depends_on: Sequence[TaskRef] = (),
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit))
+                                _Limits(max_attempts, time_limit, soft_time_limit),
+                                _when(eta, countdown), _task_ids(depends_on))
+        if event.depends_on:
+            await asyncio.to_thread(self._check_parents, event)
         try:
             await self._writer().append([event])
         except ConcurrencyConflict:
@@ -282,6 +296,9 @@ class App:
         tenant: str | None,
         correlation_id: uuid.UUID | None,
         limits: _Limits,
+        due_at: datetime | None = None,
+        depends_on: Sequence[uuid.UUID] = (),
+        receives: str | None = None,
     ) -> TaskSubmitted:
         definition = self._tasks.get(task)
         args_list, kwargs_dict = list(args), dict(kwargs or {})
@@ -307,7 +324,23 @@ class App:
             max_attempts=limits.max_attempts,
             time_limit=limits.time_limit,
             soft_time_limit=limits.soft_time_limit,
+            due_at=due_at,
+            depends_on=depends_on,
+            receives=receives,
         )
+
+    def _check_parents(self, event: TaskSubmitted) -> None:
+        """Refuse parents that do not exist or belong to another tenant.
+
+        A task can only wait for tasks recorded before it, so no dependency cycle can form (a task
+        naming itself is refused by the domain).
+        """
+        for parent in event.depends_on:
+            events = self.store.read_stream(parent, to_version=1)
+            if not events or not isinstance(events[0], TaskSubmitted):
+                raise ValidationError(f"depends_on: no task with id {parent}")
+            if events[0].tenant != event.tenant:
+                raise ValidationError(f"depends_on: task {parent} belongs to another tenant")
 
     # -- operating ----------------------------------------------------------------------------
 
@@ -375,6 +408,28 @@ class App:
 
     def handle(self, task_id: uuid.UUID | str) -> TaskHandle[Any]:
         return TaskHandle(self, _as_uuid(task_id))
+
+
+TaskRef: TypeAlias = "uuid.UUID | str | TaskHandle[Any]"
+
+
+def _task_ids(refs: Sequence[Any]) -> list[uuid.UUID]:
+    if isinstance(refs, (str, uuid.UUID, TaskHandle)):
+        refs = [refs]
+    return [ref.id if isinstance(ref, TaskHandle) else _as_uuid(ref) for ref in refs]
+
+
+def _when(eta: datetime | None, countdown: float | None) -> datetime | None:
+    """The due time of ``eta`` or ``countdown`` (not both)."""
+    if eta is not None and countdown is not None:
+        raise ValidationError("give eta or countdown, not both")
+    if countdown is not None:
+        if not 0 <= countdown <= 366 * 86400:
+            raise ValidationError(f"countdown must be between 0 and a year of seconds, got {countdown}")
+        return utcnow() + timedelta(seconds=countdown)
+    if eta is not None and eta.utcoffset() is None:
+        raise ValidationError(f"eta must be an aware datetime (with a timezone), got {eta.isoformat()}")
+    return None if eta is None else eta.astimezone(UTC)
 
 
 class _Limits(NamedTuple):

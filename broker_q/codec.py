@@ -32,10 +32,15 @@ _TIMES: dict[type[Event], tuple[str, ...]] = {
 """Per class, the fields besides ``timestamp`` that JSON holds as ISO 8601 text (``due_at``...)."""
 _IDS: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls)
-               if f.name not in _COMMON and f.name not in _SKIP and "UUID" in str(f.type))
+               if f.name not in _COMMON and f.name not in _SKIP and str(f.type).startswith(("uuid.UUID", "UUID")))
     for cls in TOPICS.values()
 }
 """Per class, the fields besides the common ids that JSON holds as UUID text (``task_id``...)."""
+_ID_LISTS: dict[type[Event], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if str(f.type).startswith("list[uuid.UUID"))
+    for cls in TOPICS.values()
+}
+"""Per class, the fields that JSON holds as lists of UUID text (``depends_on``)."""
 
 
 def check_json(value: Any, where: str = "value") -> None:
@@ -138,6 +143,9 @@ def decode_event(stream_id: uuid.UUID | str, version: int, topic: str, state: by
         for name in _IDS[cls]:
             if data.get(name) is not None:
                 data[name] = parse_uuid(data[name])
+        for name in _ID_LISTS[cls]:
+            if data.get(name):
+                data[name] = [parse_uuid(item) for item in data[name]]
         return cls(stream_id=stream_id, version=version, **data)
     except (KeyError, TypeError, ValueError) as e:
         raise ValidationError(f"stored event {stream_id} v{version} ({topic}) cannot be read: {e}") from e

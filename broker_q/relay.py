@@ -35,8 +35,17 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import Topology
 from broker_q.codec import dumps, encode_event
-from broker_q.domain.events import Event, TaskDeferred, TaskEvent, TaskReplayed, TaskRetryScheduled, TaskSubmitted
-from broker_q.domain.task import TaskState, replay
+from broker_q.coordinator import Coordinator
+from broker_q.domain.events import (
+    Event,
+    TaskDeferred,
+    TaskEvent,
+    TaskReleased,
+    TaskReplayed,
+    TaskRetryScheduled,
+    TaskSubmitted,
+)
+from broker_q.domain.task import TaskState, TaskStatus, replay
 from broker_q.store.lease import hold_lease
 from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
@@ -118,6 +127,9 @@ class Relay:
         """The position up to which every event is published and confirmed."""
         self.active = asyncio.Event()
         """Set while this relay holds the store's lease and publishes."""
+        self.coordinator = Coordinator(store)
+        self._coordinating = asyncio.Lock()
+        """Releases and cancels the dependants of the tasks in each page (:mod:`broker_q.coordinator`)."""
         self._timers_changed = asyncio.Event()
         self.timers_published = 0
         """Work messages of due timers published (and confirmed) by this relay."""
@@ -252,6 +264,13 @@ class Relay:
         # instead of one per event (one per event capped the whole system at the broker's
         # publish rate). Ready tasks go out one message each: each is consumed and acked alone.
         events_exchange, work_exchange = exchanges["events"], exchanges["work"]
+        async with self._coordinating:
+            # Pages are published concurrently, but the coordinator must see them one at a time and
+            # in log order (the lock is first come, first served, and pages start in order). Before
+            # the page counts as published: the position never passes a finished parent whose
+            # dependants are not released or cancelled yet.
+            if self.coordinator.concerns(records):
+                await asyncio.to_thread(self.coordinator.process, records)
         confirms: list[Awaitable[Any]] = []
         batches: dict[str, list[bytes]] = {}
         timers: list[Timer] = []
@@ -262,19 +281,25 @@ class Relay:
                 record.data or encode_event(event),
             ))
             if isinstance(event, TaskSubmitted):
+                if event.depends_on:
+                    continue  # blocked until the coordinator releases it
+                if event.due_at is not None and event.due_at > event.timestamp:
+                    timers.append(Timer(f"{event.stream_id}:{event.version}", event.due_at.timestamp(), event.queue,
+                                        event.priority, work_message_body(event)))
+                    continue
                 await self._declare(channel, event.queue)
                 confirms.append(self._publish_work(work_exchange, work_message_body(event), event.queue,
                                                    event.priority, f"{event.stream_id}:{event.version}"))
-            elif isinstance(event, (TaskRetryScheduled, TaskDeferred, TaskReplayed)):
+            elif isinstance(event, (TaskRetryScheduled, TaskDeferred, TaskReplayed, TaskReleased)):
                 state = await self._state_at(event)
                 if state is None:
                     continue
-                if isinstance(event, TaskReplayed):  # ready at once
+                if state.status is TaskStatus.READY:  # replayed, or released with nothing to wait for
                     await self._declare(channel, state.queue)
                     confirms.append(self._publish_work(work_exchange, work_message_for(state), state.queue,
                                                        state.priority, f"{state.task_id}:{state.version}"))
-                else:
-                    timers.append(Timer(f"{state.task_id}:{state.version}", event.due_at.timestamp(), state.queue,
+                elif state.due_at is not None:
+                    timers.append(Timer(f"{state.task_id}:{state.version}", state.due_at.timestamp(), state.queue,
                                         state.priority, work_message_for(state)))
         if timers:
             # Stored before the page counts as published: the position never passes a waiting task

@@ -53,10 +53,10 @@ from broker_q.codec import check_json
 from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted, TaskSucceeded
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
-    WAITING_STATES,
     TaskStatus,
     dead_lettered_event,
     deferred_event,
+    is_startable,
     replay,
     retry_scheduled_event,
     start,
@@ -329,7 +329,9 @@ class Worker:
         if running is not None:
             await asyncio.shield(running)  # a redelivery of a task running here: ack once it is recorded
             return None
-        if (state.status is TaskStatus.READY or state.status in WAITING_STATES) and state.version != work.version:
+        if not is_startable(state):
+            return None  # blocked on its parents: a message for it will come when it is released
+        if state.status is not TaskStatus.STARTED and state.version != work.version:
             return None  # a stale message: a newer one for this task exists (or will, when it is due)
         if state.status is TaskStatus.STARTED and state.worker is not None and await self._is_alive(state.worker):
             return None  # a duplicate: the worker running the task is alive and will record its outcome

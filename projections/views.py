@@ -31,6 +31,7 @@ from broker_q.domain.events import (
     TaskDeadLettered,
     TaskDeferred,
     TaskEvent,
+    TaskReleased,
     TaskReplayed,
     TaskRetryScheduled,
     TaskStarted,
@@ -48,7 +49,7 @@ BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 DEAD_STATES = ("dead_lettered",)
 """States of tasks that will not run again by themselves and are kept as dead letters."""
-_WAITING = frozenset({"ready", "retry_scheduled", "deferred"})
+_WAITING = frozenset({"ready", "blocked", "retry_scheduled", "deferred"})
 """States whose ``ready_at`` is when the task became ready, or is due: a start after it waited for it."""
 
 
@@ -115,15 +116,17 @@ class TasksView:
             if isinstance(event, TaskSubmitted):
                 if task_id in rows:
                     continue  # cannot happen in a valid log; never count a task twice
+                due = event.due_at.timestamp() if event.due_at is not None else ts
+                state = "blocked" if event.depends_on or due > ts else "ready"
                 row: dict[str, Any] = {
                     "task_id": task_id, "tenant": event.tenant, "queue": event.queue, "task": event.task,
-                    "state": "ready", "priority": event.priority, "attempts": 0, "version": event.version,
-                    "worker": None, "correlation_id": str(event.correlation_id), "submitted_at": ts, "ready_at": ts,
-                    "started_at": None, "finished_at": None, "result": None, "error_type": None, "error": None,
-                    "traceback": None, "position": record.position,
+                    "state": state, "priority": event.priority, "attempts": 0, "version": event.version,
+                    "worker": None, "correlation_id": str(event.correlation_id), "submitted_at": ts,
+                    "ready_at": max(due, ts), "started_at": None, "finished_at": None, "result": None,
+                    "error_type": None, "error": None, "traceback": None, "position": record.position,
                 }
                 rows[task_id] = changed[task_id] = row
-                counts[(event.tenant, event.queue, "ready")] += 1
+                counts[(event.tenant, event.queue, state)] += 1
                 continue
             found = rows.get(task_id)
             if found is None or event.version <= found["version"]:
@@ -151,6 +154,11 @@ class TasksView:
             elif isinstance(event, TaskDeferred):
                 row.update(state="deferred", ready_at=event.due_at.timestamp())
                 outcomes[(*key, row["task"], "deferred")] += 1
+            elif isinstance(event, TaskReleased):
+                # Due later (an eta beside the parents): still blocked, and ready_at is that time already.
+                if row["ready_at"] <= ts:
+                    row.update(state="ready", ready_at=ts)
+                outcomes[(*key, row["task"], "released")] += 1
             elif isinstance(event, TaskReplayed):
                 row.update(state="ready", ready_at=ts, finished_at=None)
                 outcomes[(*key, row["task"], "replayed")] += 1
@@ -281,7 +289,9 @@ def summary(event: Any) -> str:
     """One line that says what the event means, for people reading the audit log."""
     match event:
         case TaskSubmitted():
-            return f"submitted {event.task} to {event.queue} (priority {event.priority})"
+            waits = "".join((f", after {len(event.depends_on)} parent(s)" if event.depends_on else "",
+                             f", due {event.due_at.isoformat()}" if event.due_at is not None else ""))
+            return f"submitted {event.task} to {event.queue} (priority {event.priority}{waits})"
         case TaskStarted():
             return f"attempt {event.attempt} started on {event.worker}"
         case TaskSucceeded():
@@ -299,6 +309,8 @@ def summary(event: Any) -> str:
             return f"replayed{f' with new {changed}' if changed else ''}: {event.reason}"[:500]
         case TaskCancelled():
             return f"cancelled: {event.reason}"[:500]
+        case TaskReleased():
+            return f"released: every parent succeeded{' (results passed in)' if event.args is not None else ''}"
         case BreakerFailureRecorded():
             return f"breaker {event.service}: failure of task {event.task_id} ({event.error_type})"
         case BreakerOpened():

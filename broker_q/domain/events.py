@@ -38,6 +38,7 @@ __all__ = [
     "TaskDeadLettered",
     "TaskDeferred",
     "TaskEvent",
+    "TaskReleased",
     "TaskReplayed",
     "TaskRetryScheduled",
     "TaskStarted",
@@ -103,6 +104,25 @@ class TaskSubmitted(TaskEvent):
     """Overrides the task's hard time limit (seconds) for this task."""
     soft_time_limit: float | None = None
     """Overrides the task's soft time limit (seconds) for this task."""
+    due_at: datetime | None = None
+    """Not to start before this time (``eta``/``countdown``): until then the task is blocked."""
+    depends_on: list[uuid.UUID] = field(default_factory=list)
+    """Parent tasks that must all succeed first: until then the task is blocked."""
+    receives: str | None = None
+    """What the task receives from its parents when released, before its own ``args``: ``result``
+    (the one parent's result) or ``results`` (the list of the parents' results, in ``depends_on``
+    order); None for nothing."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskReleased(TaskEvent):
+    """Every parent of a blocked task succeeded (decided by the coordinator); it is ready, or due at
+    its ``due_at``. ``args`` are the arguments it runs with when its parents' results were passed in."""
+
+    TOPIC = "broker_q.task.released"
+    TYPE = "released"
+
+    args: list[Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -269,7 +289,7 @@ class BreakerClosed(BreakerEvent):
 TOPICS: dict[str, type[Event]] = {
     cls.TOPIC: cls
     for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskRetryScheduled, TaskDeadLettered, TaskDeferred,
-                TaskReplayed, TaskCancelled, IngressRejected, BreakerFailureRecorded, BreakerOpened,
+                TaskReplayed, TaskCancelled, TaskReleased, IngressRejected, BreakerFailureRecorded, BreakerOpened,
                 BreakerProbeStarted, BreakerClosed)
 }
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

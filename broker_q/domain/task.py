@@ -17,6 +17,10 @@ Lifecycle (states are lowercase words; each arrow is one event)::
     cancelled: from any state that is not final (a running task is asked to stop)
 
 ``succeeded`` and ``cancelled`` are final. ``dead_lettered`` is final until someone replays it.
+
+A task submitted with parents (``depends_on``) or a time to wait for (``due_at``) is ``blocked``:
+``released`` (every parent succeeded) clears its parents; a blocked task with no parent left starts
+when it is due, like a retry. A parent that fails for good cancels it (``upstream_failed``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from broker_q.domain.events import (
     TaskDeadLettered,
     TaskDeferred,
     TaskEvent,
+    TaskReleased,
     TaskReplayed,
     TaskRetryScheduled,
     TaskStarted,
@@ -56,6 +61,8 @@ __all__ = [
     "defer",
     "deferred_event",
     "evolve",
+    "is_startable",
+    "release",
     "replay",
     "replay_dead_letter",
     "retry",
@@ -86,6 +93,7 @@ def task_id_for(tenant: str, idempotency_key: str | None) -> uuid.UUID:
 
 
 class TaskStatus(StrEnum):
+    BLOCKED = "blocked"
     READY = "ready"
     STARTED = "started"
     RETRY_SCHEDULED = "retry_scheduled"
@@ -100,7 +108,10 @@ FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTERED, TaskSt
 WAITING_STATES = frozenset({TaskStatus.RETRY_SCHEDULED, TaskStatus.DEFERRED})
 """States of a task that the scheduler will offer again at its ``due_at``."""
 STARTABLE_STATES = frozenset({TaskStatus.READY, TaskStatus.STARTED, *WAITING_STATES})
-"""States a ``started`` may follow (``started`` itself: a takeover from a lost worker)."""
+"""States a ``started`` may follow (``started`` itself: a takeover from a lost worker); and
+``blocked`` once no parent is left (see :func:`is_startable`)."""
+MAX_PARENTS = 10_000
+"""The most parents a task may wait for (a chord's callback waits for its whole group)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +149,19 @@ class TaskState:
     timed_out: bool = False
     cancel_reason: str | None = None
     replays: int = 0
+    depends_on: tuple[uuid.UUID, ...] = ()
+    waiting_on: tuple[uuid.UUID, ...] = ()
+    """Parents not yet known to have succeeded (all of ``depends_on`` until released)."""
+    receives: str | None = None
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATES
+
+
+def is_startable(state: TaskState) -> bool:
+    """Whether a ``started`` may follow: ready, due, taken over, or blocked on nothing but time."""
+    return state.status in STARTABLE_STATES or (state.status is TaskStatus.BLOCKED and not state.waiting_on)
 
 
 def submit(
@@ -161,8 +181,16 @@ def submit(
     max_attempts: int | None = None,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
+    due_at: datetime | None = None,
+    depends_on: Iterable[uuid.UUID] = (),
+    receives: str | None = None,
 ) -> TaskSubmitted:
-    """Decide the first event of a new task."""
+    """Decide the first event of a new task.
+
+    ``due_at``: not before then (an aware time). ``depends_on``: parents that must all succeed
+    first; the caller checks that they exist (a task can only wait for tasks older than itself, so
+    no cycle can form). ``receives``: ``result`` or ``results`` to get the parents' results first.
+    """
     if not _NAME.fullmatch(task):
         raise DomainError(f"task name {task!r} is not a name (letters, digits, '_', '.', ':', '-'; at most 200)")
     if not _QUEUE.fullmatch(queue):
@@ -172,6 +200,19 @@ def submit(
     if not 0 <= priority <= MAX_PRIORITY:
         raise DomainError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
     check_limits(max_attempts=max_attempts, time_limit=time_limit, soft_time_limit=soft_time_limit)
+    if due_at is not None and due_at.utcoffset() is None:
+        raise DomainError(f"eta must be an aware datetime (with a timezone), got {due_at.isoformat()}")
+    parents = list(dict.fromkeys(depends_on))
+    if task_id in parents:
+        raise DomainError(f"task {task_id} cannot depend on itself: a dependency cycle")
+    if len(parents) > MAX_PARENTS:
+        raise DomainError(f"a task may wait for at most {MAX_PARENTS} parents, got {len(parents)}")
+    if receives not in (None, "result", "results"):
+        raise DomainError(f"receives must be 'result', 'results' or None, got {receives!r}")
+    if receives == "result" and len(parents) != 1:
+        raise DomainError(f"receives='result' needs exactly one parent, got {len(parents)}")
+    if receives is not None and not parents:
+        raise DomainError("a task with no parents receives no results")
     return TaskSubmitted(
         stream_id=task_id,
         version=1,
@@ -189,7 +230,24 @@ def submit(
         max_attempts=max_attempts,
         time_limit=time_limit,
         soft_time_limit=soft_time_limit,
+        due_at=due_at,
+        depends_on=parents,
+        receives=receives,
     )
+
+
+def release(state: TaskState, *, results: list[Any], actor: str, now: datetime) -> TaskReleased:
+    """Every parent succeeded: the task may run. ``results`` are the parents' results, in
+    ``depends_on`` order; they are passed in front of the task's arguments as it ``receives``."""
+    if state.status is not TaskStatus.BLOCKED or not state.waiting_on:
+        raise DomainError(f"task {state.task_id} is {state.status} and waits for no parent: nothing to release")
+    args: list[Any] | None = None
+    if state.receives == "result":
+        args = [results[0], *state.args]
+    elif state.receives == "results":
+        args = [list(results), *state.args]
+    return TaskReleased(stream_id=state.task_id, version=state.version + 1, timestamp=now, tenant=state.tenant,
+                        actor=actor, correlation_id=state.correlation_id, args=args)
 
 
 def check_limits(*, max_attempts: int | None, time_limit: float | None, soft_time_limit: float | None) -> None:
@@ -205,7 +263,7 @@ def check_limits(*, max_attempts: int | None, time_limit: float | None, soft_tim
 
 def start(state: TaskState, *, worker: str, now: datetime) -> TaskStarted:
     """Begin the next attempt: when ready or due, or take over an attempt whose worker was lost."""
-    if state.status not in STARTABLE_STATES:
+    if not is_startable(state):
         raise DomainError(f"task {state.task_id} is {state.status}: it cannot start")
     return started_event(
         task_id=state.task_id,
@@ -314,7 +372,7 @@ def dead_lettered_event(
 
 def defer(state: TaskState, *, due_at: datetime, reason: str, actor: str, now: datetime) -> TaskDeferred:
     """Offer the task again at ``due_at`` without starting it (no attempt is spent)."""
-    if state.status not in (TaskStatus.READY, *WAITING_STATES):
+    if not _deferrable(state):
         raise DomainError(f"task {state.task_id} is {state.status}: only a task waiting to start can be deferred")
     return deferred_event(state.task_id, state.version + 1, state.tenant, actor, state.correlation_id, due_at,
                           reason, now)
@@ -367,6 +425,10 @@ def cancel(state: TaskState, *, reason: str, actor: str, now: datetime) -> TaskC
     )
 
 
+def _deferrable(state: TaskState) -> bool:
+    return state.status is not TaskStatus.STARTED and is_startable(state)
+
+
 def _require_started(state: TaskState, verb: str) -> None:
     if state.status is not TaskStatus.STARTED:
         raise DomainError(f"task {state.task_id} is {state.status}: only a started task can {verb}")
@@ -381,10 +443,11 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
     if state is None:
         if not isinstance(event, TaskSubmitted) or event.version != 1:
             raise DomainError(f"a task stream must begin with submitted at version 1, got {event.TYPE}")
+        waits = bool(event.depends_on) or (event.due_at is not None and event.due_at > event.timestamp)
         return TaskState(
             task_id=event.stream_id,
             version=1,
-            status=TaskStatus.READY,
+            status=TaskStatus.BLOCKED if waits else TaskStatus.READY,
             task=event.task,
             queue=event.queue,
             args=event.args,
@@ -397,7 +460,11 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             max_attempts=event.max_attempts,
             time_limit=event.time_limit,
             soft_time_limit=event.soft_time_limit,
-            ready_at=event.timestamp,
+            ready_at=event.timestamp if event.due_at is None else max(event.due_at, event.timestamp),
+            due_at=event.due_at,
+            depends_on=tuple(event.depends_on),
+            waiting_on=tuple(event.depends_on),
+            receives=event.receives,
         )
     if event.stream_id != state.task_id or event.version != state.version + 1:
         raise DomainError(
@@ -406,7 +473,7 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
         )
     match event:
         case TaskStarted():
-            if state.status not in STARTABLE_STATES:
+            if not is_startable(state):
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot start")
             if event.attempt != state.attempts + 1:
                 raise DomainError(f"attempt {event.attempt} does not follow attempt {state.attempts}")
@@ -426,8 +493,16 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             return replace(state, version=event.version, status=TaskStatus.DEAD_LETTERED,
                            error_type=event.error_type, error=event.message, traceback=event.traceback,
                            timed_out=event.timed_out, finished_at=event.timestamp)
+        case TaskReleased():
+            if state.status is not TaskStatus.BLOCKED or not state.waiting_on:
+                raise DomainError(f"task {state.task_id} is {state.status} and waits for no parent: "
+                                  "it cannot be released")
+            due = state.due_at is not None and state.due_at > event.timestamp
+            return replace(state, version=event.version, status=TaskStatus.BLOCKED if due else TaskStatus.READY,
+                           waiting_on=(), args=state.args if event.args is None else event.args,
+                           ready_at=state.due_at if due else event.timestamp)
         case TaskDeferred():
-            if state.status not in (TaskStatus.READY, *WAITING_STATES):
+            if not _deferrable(state):
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot be deferred")
             return replace(state, version=event.version, status=TaskStatus.DEFERRED, due_at=event.due_at,
                            ready_at=event.due_at)

@@ -32,6 +32,7 @@ from eventsourcing.utils import Environment
 from broker_q.codec import decode_event, encode_event
 from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
+from broker_q.store.dependencies import Dependencies, MemoryDependencies, SQLDependencies
 from broker_q.store.port import AppendResult, Recorded
 from broker_q.store.timers import MemoryTimers, SQLTimers, Timer, Timers
 
@@ -150,6 +151,7 @@ class RecorderEventStore:
         self._commit_signal = commit_signal
         """Tells followers of an SQLite store that a transaction committed (see broker_q.store.notify)."""
         self._timers: Timers | None = None
+        self._dependencies: Dependencies | None = None
         self._timers_lock = threading.Lock()
 
     @property
@@ -167,6 +169,24 @@ class RecorderEventStore:
                     else:
                         self._timers = _TranslatedTimers(SQLTimers(datastore.transaction, "sqlite", "brokerq_timers"))
             return self._timers
+
+    @property
+    def dependencies(self) -> Dependencies:
+        """The coordinator's dependency edges, in the same database as the events
+        (:mod:`broker_q.store.dependencies`)."""
+        with self._timers_lock:
+            if self._dependencies is None:
+                datastore = getattr(self._recorder, "datastore", None)
+                with _translated():
+                    if datastore is None:
+                        self._dependencies = MemoryDependencies()
+                    elif hasattr(datastore, "schema"):
+                        self._dependencies = _Translated(SQLDependencies(
+                            datastore.transaction, "postgres", f"{datastore.schema}.brokerq_dependencies"))
+                    else:
+                        self._dependencies = _Translated(
+                            SQLDependencies(datastore.transaction, "sqlite", "brokerq_dependencies"))
+            return self._dependencies
 
     def append(self, events: Sequence[Event]) -> list[int]:
         return self._insert([StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events])
@@ -276,6 +296,22 @@ class _TranslatedTimers:
     def count(self) -> int:
         with _translated_sql():
             return self._timers.count()
+
+
+class _Translated:
+    """An object of SQL of broker_q's whose database errors are broker_q's own."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+
+        def translated(*args: Any, **kwargs: Any) -> Any:
+            with _translated_sql():
+                return method(*args, **kwargs)
+
+        return translated
 
 
 @contextmanager

@@ -8,7 +8,8 @@ Guarantees every adapter keeps (``tests/integration/test_store_contract.py`` pro
   commit order (they may have gaps), so a reader that follows the log from a position it has seen
   never misses an event that commits later.
 - ``set_position``/``get_position`` keep a named reader's position (the relay's, a projection's).
-- ``timers`` keeps the scheduler's timers beside the events (:mod:`broker_q.store.timers`).
+- ``timers`` keeps the scheduler's timers beside the events (:mod:`broker_q.store.timers`), and
+  ``dependencies`` the coordinator's edges (:mod:`broker_q.store.dependencies`).
 - An unreachable database raises :class:`~broker_q.errors.StoreUnavailable`, which may be retried.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker_q.domain.events import Event
+from broker_q.store.dependencies import Dependencies
 from broker_q.store.timers import Timers
 
 __all__ = ["AppendResult", "EventStore", "Recorded"]
@@ -77,6 +79,11 @@ class EventStore(Protocol):
     @property
     def timers(self) -> Timers:
         """The scheduler's timers, kept in the same database as the events."""
+        ...
+
+    @property
+    def dependencies(self) -> Dependencies:
+        """The coordinator's dependency edges, kept in the same database as the events."""
         ...
 
     def close(self) -> None: ...

@@ -19,7 +19,8 @@ from broker_q.codec import check_json, decode_event, dumps, encode_event, loads,
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
-CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id", "due_at", "until", "task_id"})
+CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id", "due_at", "until", "task_id",
+                       "depends_on"})
 """The only fields the codec converts from JSON (see ``broker_q/codec.py``)."""
 COLUMNS = frozenset({"stream_id", "version"})
 """Stored as columns of the store, not in the JSON."""
@@ -58,7 +59,9 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "max_attempts": st.none() | st.integers(1, 1000),
     "time_limit": st.none() | st.floats(0.001, 1e6),
     "soft_time_limit": st.none() | st.floats(0.001, 1e6),
-    "due_at": st.datetimes(timezones=st.just(UTC)),
+    "due_at": st.none() | st.datetimes(timezones=st.just(UTC)),
+    "depends_on": st.lists(st.uuids(), max_size=3),
+    "receives": st.sampled_from([None, "result", "results"]),
     "until": st.none() | st.datetimes(timezones=st.just(UTC)),
     "timed_out": st.booleans(),
     "forced": st.booleans(),
@@ -82,7 +85,7 @@ def test_every_field_of_every_event_class_has_a_strategy() -> None:
 
 
 def test_every_topic_names_its_own_class() -> None:
-    assert len(TOPICS) == 13
+    assert len(TOPICS) == 14
     for topic, cls in TOPICS.items():
         assert topic == cls.TOPIC
     assert len({cls.TYPE for cls in TOPICS.values()}) == len(TOPICS)

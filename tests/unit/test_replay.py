@@ -239,7 +239,7 @@ def test_events_refuses_bad_arguments_before_reading(store: EventStore) -> None:
 
 
 def test_every_type_can_be_filtered() -> None:
-    assert {"submitted", "started", "succeeded", "retry_scheduled", "dead_lettered", "deferred", "replayed",
+    assert {"submitted", "started", "succeeded", "retry_scheduled", "dead_lettered", "deferred", "replayed", "released",
             "cancelled", "ingress_rejected", "breaker_failure", "breaker_opened", "breaker_probe",
             "breaker_closed"} == EVENT_TYPES
 

@@ -1,0 +1,171 @@
+"""The coordinator: releases blocked tasks whose parents all succeeded, cancels those whose parent failed.
+
+It runs inside the relay (design flow 5: one coordinator active at a time, under the relay's
+lease), on every page of the log before the page counts as published, so the relay's position
+never passes an event whose consequences for dependants are not recorded:
+
+- a ``submitted`` with ``depends_on``: its edges are stored (:mod:`broker_q.store.dependencies`),
+  each marked done if that parent has succeeded already; if a parent has failed for good
+  (dead-lettered or cancelled), the task is cancelled at once; if every parent has succeeded, it
+  is released at once;
+- a ``succeeded``: its edges are marked done, and each dependant with no open edge left is
+  released (``released``, carrying the parents' results when the task receives them);
+- a ``dead_lettered`` or ``cancelled``: each blocked dependant is cancelled with the reason
+  ``upstream_failed``. Its own ``cancelled`` then reaches the coordinator in turn, so the
+  cancellation runs down the whole graph.
+
+Decisions are made against the tasks' streams (the store is the truth, and it is never behind the
+log being read) and appended with expected versions: reading a page twice, after a crash or a
+change of lease, appends nothing twice. A chord's callback is released exactly once, however many
+of its parents finish at the same moment on different workers, because one coordinator reads their
+``succeeded`` events in log order and the store refuses a second ``released``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from broker_q.domain.events import (
+    TaskCancelled,
+    TaskDeadLettered,
+    TaskEvent,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+from broker_q.domain.task import TaskState, TaskStatus, cancel, release, replay
+from broker_q.errors import ConcurrencyConflict, StoreUnavailable
+from broker_q.store.port import EventStore, Recorded
+
+__all__ = ["ACTOR", "Coordinator"]
+
+log = logging.getLogger(__name__)
+
+ACTOR = "coordinator"
+_FAILED = (TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Coordinator:
+    def __init__(self, store: EventStore, *, clock: Callable[[], datetime] = _utcnow) -> None:
+        self._store = store
+        self._clock = clock
+        self._has_edges: bool | None = None
+        """Whether any edge may be stored: a store with no dependant costs no query per page."""
+        self.released = 0
+        self.cancelled = 0
+
+    def concerns(self, records: Sequence[Recorded]) -> bool:
+        """Whether :meth:`process` may have anything to do for this page (cheap: no I/O)."""
+        for record in records:
+            event = record.event
+            if isinstance(event, TaskSubmitted):
+                if event.depends_on:
+                    return True
+            elif self._has_edges is not False and isinstance(event, (TaskSucceeded, TaskDeadLettered, TaskCancelled)):
+                return True
+        return False
+
+    def process(self, records: Sequence[Recorded]) -> None:
+        """Act on one page of the log (blocking: run it in a thread). Raises StoreUnavailable to be retried."""
+        submitted: list[TaskSubmitted] = []
+        succeeded: list[str] = []
+        failed: dict[str, str] = {}
+        for record in records:
+            event = record.event
+            if isinstance(event, TaskSubmitted):
+                if event.depends_on:
+                    submitted.append(event)
+            elif isinstance(event, TaskSucceeded):
+                succeeded.append(event.stream_id.hex)
+            elif isinstance(event, (TaskDeadLettered, TaskCancelled)):
+                failed[event.stream_id.hex] = event.TYPE
+        if submitted:
+            self._register(submitted)
+        if not succeeded and not failed:
+            return
+        edges = self._store.dependencies
+        if self._has_edges is None:
+            self._has_edges = edges.any()
+        if not self._has_edges:
+            return
+        if succeeded:
+            edges.mark_done(succeeded)
+            self._release_ready(sorted({child for _, child in edges.children(succeeded)}))
+        if failed:
+            doomed = {child: f"upstream_failed: parent {uuid.UUID(parent)} was {failed[parent]}"
+                      for parent, child in edges.children(list(failed))}
+            self._cancel(doomed)
+        self._has_edges = edges.any()
+
+    # -- deciding -------------------------------------------------------------------------------
+
+    def _register(self, submitted: Sequence[TaskSubmitted]) -> None:
+        edges: list[tuple[str, str, bool]] = []
+        doomed: dict[str, str] = {}
+        for event in submitted:
+            child = event.stream_id.hex
+            for parent in event.depends_on:
+                state = self._state(parent)
+                if state is None:
+                    doomed[child] = f"upstream_failed: parent {parent} does not exist"
+                elif state.status in _FAILED:
+                    doomed[child] = f"upstream_failed: parent {parent} was {state.status}"
+                else:
+                    edges.append((parent.hex, child, state.status is TaskStatus.SUCCEEDED))
+        if edges:
+            self._store.dependencies.add(edges)
+            self._has_edges = True
+        self._cancel(doomed)
+        self._release_ready(sorted({child for _, child, _ in edges} - doomed.keys()))
+
+    def _release_ready(self, children: Sequence[str]) -> None:
+        if not children:
+            return
+        still_open = self._store.dependencies.open_parents(children)
+        ready = [child for child in children if child not in still_open]
+        decided: list[TaskEvent] = []
+        for child in ready:
+            state = self._state(uuid.UUID(child))
+            if state is None or state.status is not TaskStatus.BLOCKED or not state.waiting_on:
+                continue  # released or cancelled already (this page is read again)
+            results = []
+            if state.receives is not None:
+                parents = [self._state(parent) for parent in state.depends_on]
+                results = [parent.result if parent is not None else None for parent in parents]
+            decided.append(release(state, results=results, actor=ACTOR, now=self._clock()))
+        self.released += self._append(decided)
+        self._store.dependencies.remove_children(ready)
+
+    def _cancel(self, doomed: dict[str, str]) -> None:
+        decided: list[TaskEvent] = []
+        for child, reason in sorted(doomed.items()):
+            state = self._state(uuid.UUID(child))
+            if state is not None and not state.is_final:
+                decided.append(cancel(state, reason=reason, actor=ACTOR, now=self._clock()))
+        self.cancelled += self._append(decided)
+        self._store.dependencies.remove_children(list(doomed))
+
+    def _append(self, events: Sequence[TaskEvent]) -> int:
+        """Append each event on its own (one transaction for all); return how many were appended."""
+        if not events:
+            return 0
+        appended = 0
+        for event, result in zip(events, self._store.append_groups([[e] for e in events]), strict=True):
+            if isinstance(result, StoreUnavailable):
+                raise result
+            if isinstance(result, ConcurrencyConflict):
+                continue  # the task moved on since it was read (cancelled by hand, say): nothing to do
+            if isinstance(result, Exception):
+                log.error("task %s: %s not recorded: %s", event.stream_id, event.TYPE, result)
+                continue
+            appended += 1
+        return appended
+
+    def _state(self, task_id: uuid.UUID) -> TaskState | None:
+        return replay(e for e in self._store.read_stream(task_id) if isinstance(e, TaskEvent))
