@@ -46,10 +46,11 @@ async def test_a_failing_task_is_retried_with_backoff_until_it_succeeds(
     app = _app(durable_store_url, amqp_url, namespace)
     calls: list[int] = []
 
-    @app.task(name="flaky", retry=FAST)
+    # A factor of 4 keeps the jittered delays of the three retries apart: [0.01, 0.02], [0.04, 0.08], [0.16, 0.32].
+    @app.task(name="flaky", retry=RetryPolicy(max_attempts=4, backoff=0.02, factor=4))
     async def flaky() -> str:
         calls.append(1)
-        if len(calls) < 3:
+        if len(calls) < 4:
             raise ConnectionError(f"down ({len(calls)})")
         return "up"
 
@@ -57,16 +58,20 @@ async def test_a_failing_task_is_retried_with_backoff_until_it_succeeds(
         handle = await flaky.submit()
         assert await handle.result(timeout=20) == "up"
     assert _types(app, handle.id) == ["submitted", "started", "retry_scheduled", "started", "retry_scheduled",
-                                      "started", "succeeded"]
+                                      "started", "retry_scheduled", "started", "succeeded"]
     events = app.history(handle.id)
     retries = [e for e in events if isinstance(e, TaskRetryScheduled)]
     starts = [e for e in events if isinstance(e, TaskStarted)]
-    assert [e.attempt for e in starts] == [1, 2, 3]
-    assert [e.message for e in retries] == ["down (1)", "down (2)"]
+    assert [e.attempt for e in starts] == [1, 2, 3, 4]
+    assert [e.message for e in retries] == ["down (1)", "down (2)", "down (3)"]
+    delays = [(retry.due_at - retry.timestamp).total_seconds() for retry in retries]
+    full = [0.02, 0.08, 0.32]  # backoff * factor ** (retry - 1)
+    for delay, backoff in zip(delays, full, strict=True):
+        # equal jitter: between half the backoff and all of it (a timedelta keeps microseconds)
+        assert backoff / 2 - 1e-6 <= delay <= backoff + 1e-6, (delays, full)
+    assert [round(delay, 6) for delay in delays] != full  # drawn, not the full backoff every time
     for retry, start in zip(retries, starts[1:], strict=True):
-        # equal jitter: between half the backoff and all of it; never started before it was due
-        assert 0.025 <= (retry.due_at - retry.timestamp).total_seconds() <= 0.2
-        assert start.timestamp >= retry.due_at
+        assert start.timestamp >= retry.due_at  # never started before it was due
     assert await asyncio.to_thread(app.store.timers.count) == 0  # every timer was published and removed
 
 
