@@ -90,18 +90,28 @@ async def test_the_last_attempt_and_errors_not_retried_dead_letter(
 
     @app.task(name="asks", max_attempts=2)
     def asks() -> None:
-        raise Retry("not yet", delay=0.05)
+        raise Retry("not yet", delay=0.05)  # its policy's own backoff would wait 0.5 to 1 s
+
+    # FileNotFoundError is an OSError: only dont_retry_on keeps it from being retried
+    @app.task(name="missing", retry=RetryPolicy(max_attempts=5, backoff=0.05, retry_on=(OSError,),
+                                                dont_retry_on=(FileNotFoundError,)))
+    def missing() -> None:
+        raise FileNotFoundError("no such file")
 
     async with running(app):
         exhausted, not_retried, asked = await always.submit(), await bug.submit(), await asks.submit()
         once = await app.submit_async("always", max_attempts=1)  # the submit's budget overrides the task's
+        refused = await missing.submit()
         for handle, error_type in ((exhausted, "ConnectionError"), (not_retried, "KeyError"), (asked, "Retry"),
-                                   (once, "ConnectionError")):
+                                   (once, "ConnectionError"), (refused, "FileNotFoundError")):
             with pytest.raises(TaskFailed) as failed:
                 await handle.result(timeout=20)
             assert failed.value.error_type == error_type
-    assert [app.get_task(h.id).attempts for h in (exhausted, not_retried, asked, once)] == [3, 1, 2, 1]
+    assert [app.get_task(h.id).attempts for h in (exhausted, not_retried, asked, once, refused)] == [3, 1, 2, 1, 1]
     assert _types(app, asked.id) == ["submitted", "started", "retry_scheduled", "started", "dead_lettered"]
+    [asked_retry] = [e for e in app.history(asked.id) if isinstance(e, TaskRetryScheduled)]
+    assert abs((asked_retry.due_at - asked_retry.timestamp).total_seconds() - 0.05) < 0.001
+    assert _types(app, refused.id) == ["submitted", "started", "dead_lettered"]
     assert app.get_task(exhausted.id).status is TaskStatus.DEAD_LETTERED
     assert "raise ConnectionError" in (app.get_task(exhausted.id).traceback or "")
 
@@ -111,7 +121,7 @@ async def test_a_replayed_dead_letter_runs_again_with_its_provenance(
 ) -> None:
     app = _app(durable_store_url, amqp_url, namespace)
 
-    @app.task(name="divide", max_attempts=2)
+    @app.task(name="divide", retry=RetryPolicy(max_attempts=2, backoff=0.05))
     def divide(x: int, by: int = 0) -> float:
         return x / by
 
@@ -121,15 +131,23 @@ async def test_a_replayed_dead_letter_runs_again_with_its_provenance(
             await handle.result(timeout=20)
         with pytest.raises(DomainError, match="needs a reason"):
             app.replay_dead_letter(handle.id, reason=" ")
+        # A replay's retry budget counts again from its first attempt (docs/events.md): two more attempts.
+        state = await asyncio.to_thread(app.replay_dead_letter, handle.id, reason="try it as it is",
+                                        actor="operator:ann@ops")
+        assert (state.status, state.first_attempt) == (TaskStatus.READY, 3)
+        with pytest.raises(TaskFailed, match="ZeroDivisionError"):
+            await handle.result(timeout=20)
         state = await asyncio.to_thread(app.replay_dead_letter, handle.id, reason="fixed the divisor",
                                         actor="operator:ann@ops", kwargs={"by": 4})
-        assert (state.status, state.first_attempt) == (TaskStatus.READY, 3)
+        assert (state.status, state.first_attempt) == (TaskStatus.READY, 5)
         assert await handle.result(timeout=20) == 0.25
     replayed = [e for e in app.history(handle.id) if isinstance(e, TaskReplayed)]
-    assert [(e.actor, e.reason, e.kwargs) for e in replayed] == [("operator:ann@ops", "fixed the divisor", {"by": 4})]
+    assert [(e.actor, e.reason, e.kwargs) for e in replayed] == [("operator:ann@ops", "try it as it is", None),
+                                                                 ("operator:ann@ops", "fixed the divisor", {"by": 4})]
     assert _types(app, handle.id) == ["submitted", "started", "retry_scheduled", "started", "dead_lettered",
+                                      "replayed", "started", "retry_scheduled", "started", "dead_lettered",
                                       "replayed", "started", "succeeded"]
-    assert app.get_task(handle.id).attempts == 3
+    assert [e.attempt for e in app.history(handle.id) if isinstance(e, TaskStarted)] == [1, 2, 3, 4, 5]
     with pytest.raises(DomainError, match="only a dead letter"):
         app.replay_dead_letter(handle.id, reason="again")
 
