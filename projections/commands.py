@@ -77,7 +77,8 @@ def add_view_commands(
                   "run dead letters again, recording who, why and what changed in their history")
     which = sub.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", help="the dead letter to replay")
-    which.add_argument("--all", action="store_true", help="every dead letter (that the filters select)")
+    which.add_argument("--all", action="store_true",
+                       help="every dead letter the filters select, as of the store's head")
     sub.add_argument("--task", metavar="NAME", help="with --all: only dead letters of this task")
     sub.add_argument("--since", metavar="TIME", help="with --all: only those dead-lettered at TIME or later")
     sub.add_argument("--tenant", help="with --all: only this tenant's")
@@ -233,7 +234,7 @@ def _dlq_replay(options: argparse.Namespace) -> int:
             state = app.replay_dead_letter(item["id"], reason=options.reason, actor=actor, kwargs=kwargs,
                                            version=item["version"])
         except DomainError as e:
-            print(f"{item['id']}  skipped: {e}", file=sys.stderr)  # replayed or cancelled since it was selected
+            print(f"{item['id']}  skipped: {e}", file=sys.stderr)  # replayed by someone else since it was selected
             continue
         replayed += 1
         print(f"{state.task_id}  replayed at v{state.version}: ready for attempt {state.attempts + 1}")
