@@ -360,9 +360,18 @@ class App:
         actor: str | None = None,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
+        version: int | None = None,
     ) -> TaskState:
-        """Send a dead letter to run again, recording who, why and what was changed."""
+        """Send a dead letter to run again, recording who, why and what was changed.
+
+        ``version``: the version at which the caller saw the dead letter (a view's row, say). The
+        replay is appended right after it or not at all: a task replayed by someone else since, even
+        one that failed again, raises :class:`~broker_q.errors.DomainError` instead of running twice.
+        """
         def decide(state: TaskState) -> TaskEvent:
+            if version is not None and state.version != version:
+                raise DomainError(f"task {state.task_id} changed since its dead letter was seen at v{version}: "
+                                  f"it is {state.status} at v{state.version}")
             new_args = None if args is None else list(args)
             new_kwargs = None if kwargs is None else dict(kwargs)
             check_json(new_args, "args")

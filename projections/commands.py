@@ -14,7 +14,7 @@ from typing import Any
 
 from broker_q.app import App
 from broker_q.domain.task import TaskStatus
-from broker_q.errors import DomainError, ValidationError
+from broker_q.errors import DomainError, StoreError, ValidationError
 from projections.cli import parse_time
 from projections.database import open_view_database
 from projections.metrics import registry_for, serve_metrics
@@ -77,7 +77,8 @@ def add_view_commands(
                   "run dead letters again, recording who, why and what changed in their history")
     which = sub.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", help="the dead letter to replay")
-    which.add_argument("--all", action="store_true", help="every dead letter (that the filters select)")
+    which.add_argument("--all", action="store_true",
+                       help="every dead letter the filters select, as of the store's head")
     sub.add_argument("--task", metavar="NAME", help="with --all: only dead letters of this task")
     sub.add_argument("--since", metavar="TIME", help="with --all: only those dead-lettered at TIME or later")
     sub.add_argument("--tenant", help="with --all: only this tenant's")
@@ -222,44 +223,58 @@ def _dlq_replay(options: argparse.Namespace) -> int:
     if options.id is not None:
         if options.task or options.since or options.tenant:
             raise ValidationError("--task, --since and --tenant select among --all; an ID names one dead letter")
-        ids = [options.id]
-    else:
-        ids = _dead_letter_ids(app, task=options.task, since=parse_time(options.since, "--since"),
-                               tenant=options.tenant)
-    replayed = 0
-    for task_id in ids:
+        state = app.replay_dead_letter(options.id, reason=options.reason, actor=operator(), kwargs=kwargs)
+        print(f"{state.task_id}  replayed at v{state.version}: ready for attempt {state.attempts + 1}")
+        return 0
+    selected = _dead_letters_now(app, task=options.task, since=parse_time(options.since, "--since"),
+                                 tenant=options.tenant)
+    actor, replayed = operator(), 0
+    for item in selected:
         try:
-            state = app.replay_dead_letter(task_id, reason=options.reason, actor=operator(), kwargs=kwargs)
+            state = app.replay_dead_letter(item["id"], reason=options.reason, actor=actor, kwargs=kwargs,
+                                           version=item["version"])
         except DomainError as e:
-            if options.id is not None:
-                raise
-            print(f"{task_id}  skipped: {e}", file=sys.stderr)  # replayed or cancelled since the view saw it
+            print(f"{item['id']}  skipped: {e}", file=sys.stderr)  # replayed by someone else since it was selected
             continue
         replayed += 1
         print(f"{state.task_id}  replayed at v{state.version}: ready for attempt {state.attempts + 1}")
-    if options.all:
-        print(f"{replayed} dead letter(s) replayed", file=sys.stderr)
+    skipped = len(selected) - replayed
+    print(f"{replayed} dead letter(s) replayed" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
     return 0
 
 
-def _dead_letter_ids(app: App, *, task: str | None, since: datetime | None, tenant: str | None) -> list[str]:
-    """The dead letters that the view holds now, with the filters of ``dlq replay --all``."""
+def _dead_letters_now(app: App, *, task: str | None, since: datetime | None,
+                      tenant: str | None) -> list[dict[str, Any]]:
+    """The dead letters that ``dlq replay --all`` selects, from the tasks view brought up to the store's head.
+
+    The view is caught up here first: read as it stood, a view that lags, or that no projections
+    process keeps up at all, would leave out the newest dead letters without a word. Catching up
+    beside a running projections process is safe: a batch and the view's position commit together
+    under the views' write lock, so each event is applied once, whichever runner applies it.
+    """
     database = open_view_database(app.settings.store)
-    ids: list[str] = []
-    after: str | None = None
-    while True:
-        page = dead_letters(database, tenant=tenant, limit=1000, after=after)
-        for item in page.items:
-            if task is not None and item["task"] != task:
-                continue
-            finished = item["finished_at"]
-            if since is not None and (finished is None or datetime.fromisoformat(finished) < since):
-                continue
-            ids.append(item["id"])
-        if page.next is None or (since is not None and page.items and page.items[-1]["finished_at"] is not None
-                                 and datetime.fromisoformat(page.items[-1]["finished_at"]) < since):
-            return ids  # most recent first: past ``since`` nothing older can match
-        after = page.next
+    try:
+        runner = ProjectionRunner(app.store, database, [VIEWS["tasks"]])
+        try:
+            runner.setup()
+            head = app.store.max_position()
+            runner.catch_up()
+        finally:
+            runner.close()
+        position = runner.positions()["tasks"].position
+        if position < head:
+            raise StoreError(f"the tasks view reached position {position}, short of the store's head at {head}: "
+                             "nothing was replayed; run the command again")
+        selected: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = dead_letters(database, tenant=tenant, task=task, since=since, limit=1000, after=after)
+            selected += page.items
+            if page.next is None:
+                return selected
+            after = page.next
+    finally:
+        database.close()
 
 
 def _print_page(items: Sequence[dict[str, Any]], following: str | None, as_json: bool) -> int:

@@ -131,14 +131,21 @@ def tasks(
     return _task_page(database, conditions, params, "ready_at", limit, after)
 
 
-def dead_letters(database: ViewDatabase, *, tenant: str | None = None, limit: int = 50,
-                 after: str | None = None) -> Page:
-    """Tasks that will not run again by themselves, most recent first."""
+def dead_letters(database: ViewDatabase, *, tenant: str | None = None, task: str | None = None,
+                 since: datetime | None = None, limit: int = 50, after: str | None = None) -> Page:
+    """Tasks that will not run again by themselves, most recent first; ``task`` and ``since`` keep
+    those of that task name, and those dead-lettered at ``since`` or later."""
     conditions = [f"state IN ({', '.join('?' * len(DEAD_STATES))})"]
     params: list[Any] = list(DEAD_STATES)
     if tenant:
         conditions.append("tenant = ?")
         params.append(tenant)
+    if task is not None:
+        conditions.append("task = ?")
+        params.append(task)
+    if since is not None:
+        conditions.append("finished_at >= ?")
+        params.append(since.timestamp())
     return _task_page(database, conditions, params, "finished_at", limit, after, descending=True)
 
 

@@ -23,6 +23,8 @@ from broker_q.domain.breaker import BreakerPolicy, BreakerStatus, status
 from broker_q.domain.events import BreakerClosed, BreakerFailureRecorded, BreakerOpened, BreakerProbeStarted
 from broker_q.store import open_store
 from broker_q.store.port import EventStore
+from projections.database import open_view_database
+from projections.runner import ProjectionRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = BreakerPolicy(failure_threshold=5, window=60.0, open_for=30.0, probe_timeout=60.0)
@@ -160,5 +162,21 @@ def test_operator_opens_and_closes_a_breaker_from_the_command_line(durable_store
     store = open_store(url)
     try:
         assert [type(e) for e in Breakers(store).timeline("payments")] == [BreakerOpened, BreakerClosed]
+        database = open_view_database(url)
+        runner = ProjectionRunner(store, database)
+        runner.setup()
+        runner.catch_up()
+        database.close()
     finally:
         store.close()
+    # The audit log says who forced the breaker and why, in its own words.
+    operator = row["changed_by"]
+    opened = "breaker payments forced open until closed by hand: vendor outage"
+    closed = "breaker payments forced closed: vendor back"
+    records = [json.loads(line) for line in ok(url, "audit", "--format", "json").splitlines()]
+    assert [(r["type"], r["actor"], r["summary"]) for r in records] == [
+        ("breaker_opened", operator, opened), ("breaker_closed", operator, closed)]
+    lines = ok(url, "audit", "--actor", operator).splitlines()
+    assert [line.split()[3] for line in lines] == [operator, operator]
+    assert lines[0].endswith(f"breaker_opened    {opened}")
+    assert lines[1].endswith(f"breaker_closed    {closed}")

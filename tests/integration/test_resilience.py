@@ -20,8 +20,6 @@ from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import TaskEvent, TaskReplayed, TaskRetryScheduled, TaskStarted
 from broker_q.errors import ConfigurationError, DomainError
 from broker_q.middleware import Attempt, Middleware
-from projections.database import open_view_database
-from projections.runner import ProjectionRunner
 from tests.helpers import running, wait_for
 from tests.integration import isolated
 
@@ -48,10 +46,11 @@ async def test_a_failing_task_is_retried_with_backoff_until_it_succeeds(
     app = _app(durable_store_url, amqp_url, namespace)
     calls: list[int] = []
 
-    @app.task(name="flaky", retry=FAST)
+    # A factor of 4 keeps the jittered delays of the three retries apart: [0.01, 0.02], [0.04, 0.08], [0.16, 0.32].
+    @app.task(name="flaky", retry=RetryPolicy(max_attempts=4, backoff=0.02, factor=4))
     async def flaky() -> str:
         calls.append(1)
-        if len(calls) < 3:
+        if len(calls) < 4:
             raise ConnectionError(f"down ({len(calls)})")
         return "up"
 
@@ -59,16 +58,20 @@ async def test_a_failing_task_is_retried_with_backoff_until_it_succeeds(
         handle = await flaky.submit()
         assert await handle.result(timeout=20) == "up"
     assert _types(app, handle.id) == ["submitted", "started", "retry_scheduled", "started", "retry_scheduled",
-                                      "started", "succeeded"]
+                                      "started", "retry_scheduled", "started", "succeeded"]
     events = app.history(handle.id)
     retries = [e for e in events if isinstance(e, TaskRetryScheduled)]
     starts = [e for e in events if isinstance(e, TaskStarted)]
-    assert [e.attempt for e in starts] == [1, 2, 3]
-    assert [e.message for e in retries] == ["down (1)", "down (2)"]
+    assert [e.attempt for e in starts] == [1, 2, 3, 4]
+    assert [e.message for e in retries] == ["down (1)", "down (2)", "down (3)"]
+    delays = [(retry.due_at - retry.timestamp).total_seconds() for retry in retries]
+    full = [0.02, 0.08, 0.32]  # backoff * factor ** (retry - 1)
+    for delay, backoff in zip(delays, full, strict=True):
+        # equal jitter: between half the backoff and all of it (a timedelta keeps microseconds)
+        assert backoff / 2 - 1e-6 <= delay <= backoff + 1e-6, (delays, full)
+    assert [round(delay, 6) for delay in delays] != full  # drawn, not the full backoff every time
     for retry, start in zip(retries, starts[1:], strict=True):
-        # equal jitter: between half the backoff and all of it; never started before it was due
-        assert 0.025 <= (retry.due_at - retry.timestamp).total_seconds() <= 0.2
-        assert start.timestamp >= retry.due_at
+        assert start.timestamp >= retry.due_at  # never started before it was due
     assert await asyncio.to_thread(app.store.timers.count) == 0  # every timer was published and removed
 
 
@@ -87,18 +90,28 @@ async def test_the_last_attempt_and_errors_not_retried_dead_letter(
 
     @app.task(name="asks", max_attempts=2)
     def asks() -> None:
-        raise Retry("not yet", delay=0.05)
+        raise Retry("not yet", delay=0.05)  # its policy's own backoff would wait 0.5 to 1 s
+
+    # FileNotFoundError is an OSError: only dont_retry_on keeps it from being retried
+    @app.task(name="missing", retry=RetryPolicy(max_attempts=5, backoff=0.05, retry_on=(OSError,),
+                                                dont_retry_on=(FileNotFoundError,)))
+    def missing() -> None:
+        raise FileNotFoundError("no such file")
 
     async with running(app):
         exhausted, not_retried, asked = await always.submit(), await bug.submit(), await asks.submit()
         once = await app.submit_async("always", max_attempts=1)  # the submit's budget overrides the task's
+        refused = await missing.submit()
         for handle, error_type in ((exhausted, "ConnectionError"), (not_retried, "KeyError"), (asked, "Retry"),
-                                   (once, "ConnectionError")):
+                                   (once, "ConnectionError"), (refused, "FileNotFoundError")):
             with pytest.raises(TaskFailed) as failed:
                 await handle.result(timeout=20)
             assert failed.value.error_type == error_type
-    assert [app.get_task(h.id).attempts for h in (exhausted, not_retried, asked, once)] == [3, 1, 2, 1]
+    assert [app.get_task(h.id).attempts for h in (exhausted, not_retried, asked, once, refused)] == [3, 1, 2, 1, 1]
     assert _types(app, asked.id) == ["submitted", "started", "retry_scheduled", "started", "dead_lettered"]
+    [asked_retry] = [e for e in app.history(asked.id) if isinstance(e, TaskRetryScheduled)]
+    assert abs((asked_retry.due_at - asked_retry.timestamp).total_seconds() - 0.05) < 0.001
+    assert _types(app, refused.id) == ["submitted", "started", "dead_lettered"]
     assert app.get_task(exhausted.id).status is TaskStatus.DEAD_LETTERED
     assert "raise ConnectionError" in (app.get_task(exhausted.id).traceback or "")
 
@@ -108,7 +121,7 @@ async def test_a_replayed_dead_letter_runs_again_with_its_provenance(
 ) -> None:
     app = _app(durable_store_url, amqp_url, namespace)
 
-    @app.task(name="divide", max_attempts=2)
+    @app.task(name="divide", retry=RetryPolicy(max_attempts=2, backoff=0.05))
     def divide(x: int, by: int = 0) -> float:
         return x / by
 
@@ -118,15 +131,23 @@ async def test_a_replayed_dead_letter_runs_again_with_its_provenance(
             await handle.result(timeout=20)
         with pytest.raises(DomainError, match="needs a reason"):
             app.replay_dead_letter(handle.id, reason=" ")
+        # A replay's retry budget counts again from its first attempt (docs/events.md): two more attempts.
+        state = await asyncio.to_thread(app.replay_dead_letter, handle.id, reason="try it as it is",
+                                        actor="operator:ann@ops")
+        assert (state.status, state.first_attempt) == (TaskStatus.READY, 3)
+        with pytest.raises(TaskFailed, match="ZeroDivisionError"):
+            await handle.result(timeout=20)
         state = await asyncio.to_thread(app.replay_dead_letter, handle.id, reason="fixed the divisor",
                                         actor="operator:ann@ops", kwargs={"by": 4})
-        assert (state.status, state.first_attempt) == (TaskStatus.READY, 3)
+        assert (state.status, state.first_attempt) == (TaskStatus.READY, 5)
         assert await handle.result(timeout=20) == 0.25
     replayed = [e for e in app.history(handle.id) if isinstance(e, TaskReplayed)]
-    assert [(e.actor, e.reason, e.kwargs) for e in replayed] == [("operator:ann@ops", "fixed the divisor", {"by": 4})]
+    assert [(e.actor, e.reason, e.kwargs) for e in replayed] == [("operator:ann@ops", "try it as it is", None),
+                                                                 ("operator:ann@ops", "fixed the divisor", {"by": 4})]
     assert _types(app, handle.id) == ["submitted", "started", "retry_scheduled", "started", "dead_lettered",
+                                      "replayed", "started", "retry_scheduled", "started", "dead_lettered",
                                       "replayed", "started", "succeeded"]
-    assert app.get_task(handle.id).attempts == 3
+    assert [e.attempt for e in app.history(handle.id) if isinstance(e, TaskStarted)] == [1, 2, 3, 4, 5]
     with pytest.raises(DomainError, match="only a dead letter"):
         app.replay_dead_letter(handle.id, reason="again")
 
@@ -275,13 +296,11 @@ async def test_cancel_and_dlq_replay_from_the_command_line(
                                       "--kwargs", '{"by": 2}')
         assert one.returncode == 0, one.stderr
         assert await handles[0].result(timeout=20) == 0.5
-        runner = ProjectionRunner(app.store, open_view_database(sqlite_url))
-        await asyncio.to_thread(runner.setup)
-        await asyncio.to_thread(runner.catch_up)
+        # No projections process runs: the command brings the tasks view up to the store itself.
         every = await asyncio.to_thread(_cli, sqlite_url, "dlq", "replay", "--all", "--task", "divide", "--reason",
                                         "divisor fixed", "--kwargs", '{"by": 4}')
         assert every.returncode == 0, every.stderr
-        assert "2 dead letter(s) replayed" in every.stderr
+        assert every.stderr == "2 dead letter(s) replayed\n"
         assert [await h.result(timeout=20) for h in handles[1:]] == [0.5, 0.75]
     replayed = [e for e in app.history(handles[2].id) if isinstance(e, TaskReplayed)]
     assert [(e.reason, e.kwargs, e.actor.startswith("operator:")) for e in replayed] == [

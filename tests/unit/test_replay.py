@@ -57,10 +57,10 @@ class Story:
         return self.now
 
     def submit(self, *, tenant: str = "acme", queue: str = "default", after: float = 1.0,
-               args: list[Any] | None = None) -> uuid.UUID:
+               args: list[Any] | None = None, task: str = "t.add") -> uuid.UUID:
         self._ids += 1
         task_id = uuid.UUID(int=self._ids)
-        self._record(domain.submit(task_id=task_id, task="t.add", queue=queue, args=args or [1, 2], kwargs={},
+        self._record(domain.submit(task_id=task_id, task=task, queue=queue, args=args or [1, 2], kwargs={},
                                    priority=5, tenant=tenant, actor="client:test", now=self._tick(after)))
         return task_id
 

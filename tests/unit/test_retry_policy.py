@@ -30,6 +30,13 @@ def test_jitter_stays_between_half_the_delay_and_the_delay(retry: int, draw: flo
     plain = RetryPolicy(max_attempts=1000, backoff=1.5, factor=3.0, backoff_max=900.0, jitter=False)
     full = plain.delay(retry, 0.0)
     assert full / 2 <= policy.delay(retry, draw) <= full <= 900.0
+    assert policy.delay(retry, draw) == pytest.approx(full * (0.5 + draw / 2))  # the draw spreads it ("equal jitter")
+
+
+def test_jittered_delays_grow_by_the_factor() -> None:
+    policy = RetryPolicy(max_attempts=10, backoff=2.0, factor=3.0, backoff_max=100.0)
+    assert [policy.decide(OSError(), tries=n, draw=0.0).delay for n in range(1, 6)] == [1.0, 3.0, 9.0, 27.0, 50.0]
+    assert [policy.decide(OSError(), tries=n, draw=0.5).delay for n in range(1, 6)] == [1.5, 4.5, 13.5, 40.5, 75.0]
 
 
 def test_which_exceptions_retry() -> None:
