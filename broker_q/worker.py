@@ -125,6 +125,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`)."""
+        for definition in self.app.tasks.values():
+            definition.parameters.prepare()  # a type hint that cannot be resolved stops the worker here
         store = await asyncio.to_thread(lambda: self.app.store)
         self._writer = GroupCommitWriter(store)
         self._breakers = Breakers(store, self.app.breaker_policies)
