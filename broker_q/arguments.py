@@ -1,17 +1,17 @@
-"""A handler's parameters: whether the JSON arguments of a task fit them, and the values they validate to.
+"""A handler's parameters: whether the JSON arguments of a task fit them, and the values it is called with.
 
 Arguments travel and are stored as JSON. They are checked where a task is recorded (``App.submit``,
-an ingress envelope, a dead letter replayed with new arguments): bound to the handler's signature
-(number and names), then validated against its type hints by pydantic, with the rules of JSON input
-in pydantic's default (lax) mode. Arguments that do not fit are refused with a
-:class:`~broker_q.errors.ValidationError` that names the parameter and the type it expects, never
-the value (it may be a secret).
+an ingress envelope, a dead letter replayed with new arguments) and again where its handler is
+called, in the same way: bound to the handler's signature (number and names), then validated
+against its type hints by pydantic, with the rules of JSON input in pydantic's default (lax) mode.
+Arguments that do not fit are refused with a :class:`~broker_q.errors.ValidationError` that names
+the parameter and the type it expects, never the value (it may be a secret).
 
-:meth:`Parameters.values` gives the values as validated: an ISO 8601 string for a ``datetime``
-parameter becomes a ``datetime``, an object for a pydantic model the model, ``"7"`` for an ``int``
-7, a list for a ``tuple`` a tuple. The stored event keeps the JSON as it was sent. A parameter
+The handler receives the values as validated: an ISO 8601 string for a ``datetime`` parameter
+arrives as a ``datetime``, an object for a pydantic model as the model, ``"7"`` for an ``int`` as 7,
+a list for a ``tuple`` as a tuple. The stored event keeps the JSON as it was sent. A parameter
 without an annotation (or annotated ``Any`` or ``object``) takes any JSON value unchanged; a handler
-with no annotated parameter costs a ``Signature.bind`` per check and nothing more.
+with no annotated parameter costs a ``Signature.bind`` per call and nothing more.
 """
 
 from __future__ import annotations

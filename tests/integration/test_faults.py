@@ -184,7 +184,8 @@ FAILING: dict[str, tuple[str, list[object], str, str]] = {
     "raises": ("raises", ["k"], "ValueError", "refused k"),
     "returns-a-set": ("returns_set", ["k"], "SerializationError", "the result cannot be recorded"),
     "returns-an-object": ("returns_object", ["k"], "SerializationError", "the result cannot be recorded"),
-    "wrong-argument-types": ("add", ["a", 1], "TypeError", "can only concatenate str"),
+    # Submitted by a client without the handler registered, so unchecked: the worker refuses to call it.
+    "wrong-argument-types": ("add", ["a", 1], "ValidationError", "argument 'x' must be int"),
     "no-handler": ("nobody.handles.this", [], "LookupError", "no handler is registered"),
 }
 
