@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeAlias, Type
 
 import pydantic
 
+from broker_q.arguments import Parameters
 from broker_q.codec import check_json
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
@@ -148,7 +149,9 @@ class App:
         limit can kill). ``retry`` says which failures run again and when; ``max_attempts`` is a
         short form of ``RetryPolicy(max_attempts=...)`` with the default backoff. ``time_limit``
         and ``soft_time_limit`` are seconds (``docs/time-limits.md``). Tasks that name a
-        ``service`` go through that service's circuit breaker.
+        ``service`` go through that service's circuit breaker. The arguments of its tasks are checked
+        against the handler's signature and type hints when a task is submitted and again before the
+        handler runs, which receives them as validated (:mod:`broker_q.arguments`).
         """
         if retry is not None and max_attempts is not None:
             raise ConfigurationError("give either retry=RetryPolicy(...) or max_attempts, not both")
@@ -302,10 +305,10 @@ class App:
     ) -> TaskSubmitted:
         definition = self._tasks.get(task)
         args_list, kwargs_dict = list(args), dict(kwargs or {})
-        if definition is not None:
-            definition.check_arguments(args_list, kwargs_dict)
         check_json(args_list, "args")  # refused here, not in the worker later
         check_json(kwargs_dict, "kwargs")
+        if definition is not None:
+            definition.check_arguments(args_list, kwargs_dict)
         tenant = tenant or self.settings.tenant
         task_id = task_id_for(tenant, idempotency_key)
         return submit(
@@ -475,7 +478,9 @@ class TaskDefinition(Generic[P, R]):
         self.isolation = isolation
         self.service = service
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.signature = inspect.signature(fn)
+        self.parameters = Parameters(fn, name)
+        """The handler's parameters: what the arguments are checked against, and validated to."""
+        self.signature = self.parameters.signature
         functools.update_wrapper(self, fn)
 
     @property
@@ -497,12 +502,10 @@ class TaskDefinition(Generic[P, R]):
         """The async form of :meth:`delay`."""
         return await self.app.submit_async(self.name, args, kwargs)
 
-    def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
-        """Refuse arguments that the handler's signature cannot take."""
-        try:
-            self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise ValidationError(f"arguments do not fit {self.name}{self.signature}: {e}") from e
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Refuse arguments that the handler cannot take: their number, names or types
+        (:class:`ValidationError` naming the parameter and the type it expects)."""
+        self.parameters.check(args, kwargs)
 
 
 class TaskHandle(Generic[R]):

@@ -35,6 +35,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, Literal
 
+from broker_q.arguments import Parameters
 from broker_q.errors import BrokerQError, SerializationError
 
 __all__ = [
@@ -98,7 +99,8 @@ async def run_handler(
     Async handlers run in the event loop; sync handlers in a thread of ``pool``, or, with
     ``isolation="process"``, in a fresh child process that imports ``target`` = (module, dotted
     attribute path) of the function, or of an object whose ``fn`` is the function; ``fn`` itself is
-    not used then. Arguments and result cross to and from the child as JSON.
+    not used then. Arguments and result cross to and from the child as JSON; the child validates the
+    arguments against the function's type hints (:mod:`broker_q.arguments`) and calls it with the values.
 
     ``grace`` bounds how long a handler cancelled at the hard limit, or whose caller was cancelled, is
     waited for (async), and how long a child that replied is given to exit before it is killed.
@@ -440,11 +442,13 @@ def _child_main(writer: Connection, module: str, attribute: str, call: bytes, so
         try:
             fn = _resolve(module, attribute)
             arguments = json.loads(call)
+            # Called with its arguments validated, as in a thread (the worker checked them already).
+            args, kwargs = Parameters(fn, f"{module}:{attribute}").values(arguments["args"], arguments["kwargs"])
             if soft is not None:
                 signal.signal(signal.SIGALRM, _raise_soft_limit)
                 signal.setitimer(signal.ITIMER_REAL, soft)
             try:
-                result = fn(*arguments["args"], **arguments["kwargs"])
+                result = fn(*args, **kwargs)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             reply = json.dumps({"result": result})

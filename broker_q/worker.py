@@ -18,6 +18,9 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
 - A failed attempt is retried (``retry_scheduled``, with its due time) or dead-lettered, as the
   task's retry policy says. The worker does not wait for the retry: it acks, and the relay's
   scheduler publishes the task again when it is due.
+- A handler is called only with arguments that fit it, as validated against its type hints
+  (``broker_q.arguments``). Ingress envelopes whose arguments do not fit are refused; a recorded
+  task whose arguments do not fit (its client could not check them) is dead-lettered uncalled.
 - A cancellation reaches the workers as an event (each worker's presence queue is bound to the
   events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
   running sync handler cannot be interrupted, so it runs on and its outcome is dropped.
@@ -125,6 +128,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`)."""
+        for definition in self.app.tasks.values():
+            definition.parameters.prepare()  # a type hint that cannot be resolved stops the worker here
         store = await asyncio.to_thread(lambda: self.app.store)
         self._writer = GroupCommitWriter(store)
         self._breakers = Breakers(store, self.app.breaker_policies)
@@ -382,9 +387,16 @@ class Worker:
         try:
             if definition is None:
                 raise LookupError(f"no handler is registered for task {work.task!r} on {self.id}")
+            try:
+                args, kwargs = definition.parameters.values(work.args, work.kwargs)
+            except ValidationError as e:
+                # Recorded by a client that did not check them (one without the handler registered,
+                # or before the handler changed): every attempt would fail alike, so none is made.
+                return dead_lettered_event(work.id, version, work.tenant, self.id, work.correlation_id,
+                                           type(e).__name__, f"the handler was not called: {e}", None, _now())
             for middleware in self.app.middleware:
                 await run_hook(middleware, "before_attempt", attempt)
-            result = await self._call(definition, work)
+            result = await self._call(definition, work, args, kwargs)
         except TimeLimitExceeded as e:
             return self._failed(definition, work, version, e, traceback.format_exc(), timed_out=True)
         except HandlerError as e:  # raised in an isolated process: its own type and traceback
@@ -399,11 +411,16 @@ class Worker:
                                 prefix="the result cannot be recorded: ")
         return succeeded_event(work.id, version, work.tenant, self.id, work.correlation_id, result, _now())
 
-    async def _call(self, definition: TaskDefinition[Any, Any], work: WorkMessage) -> Any:
-        """Run the handler under its time limits (the task's own, or the handler's)."""
+    async def _call(self, definition: TaskDefinition[Any, Any], work: WorkMessage, args: list[Any],
+                    kwargs: dict[str, Any]) -> Any:
+        """Run the handler with the validated ``args`` and ``kwargs`` under its time limits (the task's
+        own, or the handler's). An isolated handler's process is given the JSON arguments, and
+        validates them itself the same way."""
         soft = work.soft_time_limit if work.soft_time_limit is not None else definition.soft_time_limit
         hard = work.time_limit if work.time_limit is not None else definition.time_limit
-        return await run_handler(definition.fn, work.args, work.kwargs, is_async=definition.is_async,
+        if definition.isolation == "process":
+            args, kwargs = work.args, work.kwargs
+        return await run_handler(definition.fn, args, kwargs, is_async=definition.is_async,
                                  soft_time_limit=soft, time_limit=hard, pool=self._pool,
                                  isolation=definition.isolation,
                                  target=(definition.fn.__module__, definition.fn.__qualname__))

@@ -12,7 +12,6 @@ An exception leaking from a middleware hook is covered in test_resilience.py (it
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,7 +184,8 @@ FAILING: dict[str, tuple[str, list[object], str, str]] = {
     "raises": ("raises", ["k"], "ValueError", "refused k"),
     "returns-a-set": ("returns_set", ["k"], "SerializationError", "the result cannot be recorded"),
     "returns-an-object": ("returns_object", ["k"], "SerializationError", "the result cannot be recorded"),
-    "wrong-argument-types": ("add", ["a", 1], "TypeError", "can only concatenate str"),
+    # Submitted by a client without the handler registered, so unchecked: the worker refuses to call it.
+    "wrong-argument-types": ("add", ["a", 1], "ValidationError", "argument 'x' must be int"),
     "no-handler": ("nobody.handles.this", [], "LookupError", "no handler is registered"),
 }
 
@@ -230,10 +230,10 @@ async def test_handler_failures_are_recorded_and_the_worker_process_keeps_going(
 async def test_poison_messages_are_refused_once_each_and_never_redelivered(
     sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str],
 ) -> None:
-    """Every bad message of test_foreign_client and a few more, sent in one burst with a malformed
-    work message: each reaches the invalid queue once with its reason and is audited once; no queue
-    keeps anything (nothing was requeued to loop); a task with arguments of the wrong types is no
-    poison message (its arity fits) and fails once; a valid task sent after them all runs."""
+    """Every bad message of test_foreign_client (arguments of the wrong types among them) and a few
+    more, sent in one burst with a malformed work message: each reaches the invalid queue once with
+    its reason and is audited once, and none becomes a task; no queue keeps anything (nothing was
+    requeued to loop); a valid task sent after them all runs."""
     app = App(store=sqlite_url, amqp_url=amqp_url, namespace=namespace,
               max_message_bytes=foreign.MAX_MESSAGE_BYTES)
 
@@ -252,11 +252,8 @@ async def test_poison_messages_are_refused_once_each_and_never_redelivered(
             work_exchange = await channel.get_exchange(worker.topology.work_exchange)
             bad_work = uuid.uuid4().hex
             await work_exchange.publish(aio_pika.Message(b"{not json", message_id=bad_work), routing_key="default")
-            wrong_types = await foreign.publish(channel, namespace, {"task": "add", "args": ["a", 1]})
-            await foreign.assert_a_valid_envelope_still_runs(app, channel, namespace)
+            valid = await foreign.assert_a_valid_envelope_still_runs(app, channel, namespace)
             await foreign.rejections(app, len(sent) + 1)
-            mistyped = await foreign.submitted(app, wrong_types)
-            await wait_for(lambda: app.get_task(mistyped.stream_id).is_final, what="the mistyped task to end")
         # The worker stopped: whatever it had taken and not acknowledged is back in its queue now.
         for queue in (topology.ingress_queue("default"), topology.work_queue("default"), topology.unrouted):
             assert await queue_depth(amqp_url, queue) == 0, queue
@@ -275,7 +272,4 @@ async def test_poison_messages_are_refused_once_each_and_never_redelivered(
     assert "malformed work message" in str(refused[bad_work].headers[REASON_HEADER])
     submitted_keys = {e.idempotency_key for h in tally.history.values() for e in h if isinstance(e, TaskSubmitted)}
     assert not submitted_keys & set(sent)
-    types = [e.TYPE for e in tally.history[mistyped.stream_id]]
-    assert is_final_failure(types[-1])
-    assert tally.failure(mistyped.stream_id).error_type == "TypeError"
-    assert ("started", "started") not in itertools.pairwise(types), types  # every attempt ended: none redelivered
+    assert set(tally.history) == {valid.stream_id}  # the only task, and the only handler that ran

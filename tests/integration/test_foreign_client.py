@@ -17,7 +17,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from broker_q import App
-from broker_q.domain.events import Event, IngressRejected, TaskSubmitted
+from broker_q.domain.events import Event, IngressRejected, TaskStarted, TaskSubmitted
 from tests.helpers import running, wait_for
 
 QUEUE = "default"
@@ -115,10 +115,11 @@ async def rejections(app: App, count: int) -> dict[str | None, IngressRejected]:
     return found
 
 
-async def assert_a_valid_envelope_still_runs(app: App, channel: AbstractChannel, namespace: str) -> None:
+async def assert_a_valid_envelope_still_runs(app: App, channel: AbstractChannel, namespace: str) -> TaskSubmitted:
     message_id = await publish(channel, namespace, {"task": "add", "args": [20, 22]})
     event = await submitted(app, message_id)
     assert await app.handle(event.stream_id).result(timeout=10) == 42
+    return event
 
 
 # (a) ------------------------------------------------------------------------------------------
@@ -152,6 +153,8 @@ REFUSED: dict[str, tuple[bytes, str | None, tuple[str, ...]]] = {
     "no-task": (b'{"args": [1, 2]}', "application/json", ("invalid task envelope", "task", "required")),
     "unknown-task": (b'{"task": "nope", "args": []}', "application/json", ("unknown task", "nope")),
     "arguments-do-not-fit": (b'{"task": "add", "args": [1]}', "application/json", ("arguments", "add", "'y'")),
+    "arguments-of-the-wrong-types": (b'{"task": "add", "args": ["a", 1]}', "application/json",
+                                     ("arguments do not fit", "add", "argument 'x' must be int")),
     "extra-field": (b'{"task": "add", "args": [1, 2], "colour": "red"}', "application/json",
                     ("colour", "not permitted")),
     "pickle-content-type": (b'{"task": "add", "args": [1, 2]}', "application/x-python-serialize",
@@ -170,7 +173,7 @@ async def test_a_bad_message_is_moved_to_the_invalid_queue_and_audited(
         message_id = await publish(channel, namespace, body, content_type=content_type)
         refused = (await invalid_messages(channel, namespace, 1))[message_id]
         event = (await rejections(app, 1))[message_id]
-        await assert_a_valid_envelope_still_runs(app, channel, namespace)
+        valid = await assert_a_valid_envelope_still_runs(app, channel, namespace)
 
     reason = str((refused.headers or {})[REASON_HEADER])
     for word in words:
@@ -182,6 +185,7 @@ async def test_a_bad_message_is_moved_to_the_invalid_queue_and_audited(
     assert event.size == len(body)
     assert event.sha256 == hashlib.sha256(body).hexdigest()
     assert not [e for e in await log(app) if isinstance(e, TaskSubmitted) and e.idempotency_key == message_id]
+    assert {e.stream_id for e in await log(app) if isinstance(e, TaskStarted)} == {valid.stream_id}  # no handler ran
 
 
 async def test_the_worker_keeps_going_after_every_kind_of_bad_message(

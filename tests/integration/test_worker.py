@@ -10,6 +10,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aio_pika
@@ -99,6 +100,31 @@ async def test_failures_are_recorded_and_the_worker_keeps_going(
             await unknown.result(timeout=10)
         assert (await sync_thread.result(timeout=10)).startswith("broker_q-handler")
         assert await async_thread.result(timeout=10) == "MainThread"
+
+
+async def test_a_handler_is_called_with_its_arguments_validated_and_never_with_the_wrong_types(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    calls: list[tuple[object, object]] = []
+
+    @app.task(name="remind", max_attempts=3)
+    async def remind(at: datetime, times: int) -> str:
+        calls.append((at, times))
+        return type(at).__name__
+
+    # A client without the handler registered records whatever it is given; the worker checks again.
+    client = _app(sqlite_url, amqp_url, namespace)
+    good = await client.submit_async("remind", ["2026-12-01T10:00:00Z"], {"times": "2"})
+    bad = await client.submit_async("remind", ["next tuesday", 2])
+    async with running(app):
+        assert await good.result(timeout=10) == "datetime"
+        with pytest.raises(TaskFailed, match=r"handler was not called.*argument 'at' must be datetime") as failed:
+            await bad.result(timeout=10)
+    assert failed.value.error_type == "ValidationError"
+    assert "next tuesday" not in failed.value.message
+    assert calls == [(datetime(2026, 12, 1, 10, tzinfo=UTC), 2)]
+    assert [e.TYPE for e in app.history(bad.id)] == ["submitted", "started", "dead_lettered"]  # not retried
 
 
 async def test_a_malformed_work_message_goes_to_the_invalid_queue(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -77,6 +78,108 @@ def test_arguments_that_fit_are_recorded(app: App) -> None:
     state = app.get_task(handle.id)
     assert (state.task, state.queue, state.priority, state.args, state.kwargs) == ("math.add", "maths", 7, [1],
                                                                                    {"y": 2})
+
+
+class Order(pydantic.BaseModel):
+    sku: str
+    quantity: int
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "wrong"),
+    [(["s3cret", 1], {}, r"argument 'x' must be int"), ([1], {"y": "s3cret"}, r"argument 'y' must be int"),
+     ([1.5, 2], {}, r"argument 'x' must be int"), ([None, 2], {}, r"argument 'x' must be int")],
+    ids=["positional", "keyword", "fraction", "null"],
+)
+@pytest.mark.parametrize("how", ["submit", "submit_async"])
+async def test_arguments_of_the_wrong_types_are_refused_naming_the_parameter_and_its_type(
+    app: App, args: list[object], kwargs: dict[str, object], wrong: str, how: str
+) -> None:
+    calls: list[object] = []
+
+    @app.task(name="math.add")
+    def add(x: int, y: int) -> int:
+        calls.append((x, y))
+        return x + y
+
+    async def submit() -> object:
+        return app.submit("math.add", args, kwargs) if how == "submit" else await app.submit_async("math.add", args,
+                                                                                                 kwargs)
+
+    with pytest.raises(ValidationError, match=rf"math\.add.*{wrong}: Input should be a valid integer") as refused:
+        await submit()
+    assert "s3cret" not in str(refused.value)  # the value may be a secret: the reason names the parameter only
+    assert app.store.max_position() == 0
+    assert calls == []
+
+
+def test_arguments_are_recorded_as_sent_and_validated_by_the_handler_s_type_hints(app: App) -> None:
+    @app.task(name="ship")
+    def ship(order: Order, when: datetime, count: int = 1, note=None) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+    handle = app.submit("ship", [{"sku": "A-1", "quantity": "3"}, "2026-12-01T10:00:00Z"], {"count": "2",
+                                                                                            "note": [1, {}]})
+    state = app.get_task(handle.id)
+    assert (state.args, state.kwargs) == ([{"sku": "A-1", "quantity": "3"}, "2026-12-01T10:00:00Z"],
+                                          {"count": "2", "note": [1, {}]})
+    # What the worker calls the handler with: the values as validated (the unannotated one unchanged).
+    assert ship.parameters.values(state.args, state.kwargs) == (
+        [Order(sku="A-1", quantity=3), datetime(2026, 12, 1, 10, tzinfo=UTC)], {"count": 2, "note": [1, {}]})
+    with pytest.raises(ValidationError, match=r"argument 'order' at order\['quantity'\] must be .*Order"):
+        app.submit("ship", [{"sku": "A-1", "quantity": "many"}, "2026-12-01T10:00:00Z"])
+    with pytest.raises(ValidationError, match=r"argument 'when' must be datetime"):
+        app.submit("ship", [{"sku": "A-1", "quantity": 1}, "next tuesday"])
+
+
+def test_a_handler_without_annotations_takes_any_json_values(app: App) -> None:
+    @app.task(name="echo")
+    def echo(x, *rest, **options):  # type: ignore[no-untyped-def]
+        return x
+
+    handle = app.submit("echo", ["a", 1.5, None], {"k": {"nested": [True]}})
+    assert app.get_task(handle.id).args == ["a", 1.5, None]
+    assert echo.parameters.values(["a", 1.5], {"k": [1]}) == (["a", 1.5], {"k": [1]})
+
+
+def test_variadic_parameters_are_validated_item_by_item(app: App) -> None:
+    @app.task(name="total")
+    def total(*amounts: int, **labels: str) -> int:
+        return sum(amounts)
+
+    assert total.parameters.values(["1", 2], {"a": "x"}) == ([1, 2], {"a": "x"})
+    with pytest.raises(ValidationError, match=r"argument 'amounts' at amounts\[1\] must be int"):
+        app.submit("total", [1, "two"])
+    with pytest.raises(ValidationError, match=r"argument 'labels' at labels\['b'\] must be str"):
+        app.submit("total", [1], {"b": 2})
+    assert app.store.max_position() == 0
+
+
+def test_a_replay_with_arguments_of_the_wrong_types_is_refused(app: App) -> None:
+    @app.task(name="math.double")
+    def double(x: int) -> int:
+        return 2 * x
+
+    handle = app.submit("math.double", [1])
+    with pytest.raises(ValidationError, match=r"argument 'x' must be int"):
+        app.replay_dead_letter(handle.id, reason="fixed", args=["two"])
+
+
+def test_a_type_hint_pydantic_cannot_validate_is_refused_when_the_task_is_registered(app: App) -> None:
+    with pytest.raises(ConfigurationError, match=r"bad\.hint.*type hints"):
+        @app.task(name="bad.hint")
+        def bad(event: threading.Event) -> None:
+            return None
+
+
+def test_a_type_hint_that_cannot_be_resolved_is_refused_on_first_use(app: App) -> None:
+    @app.task(name="later")
+    def later(thing: NotDefinedAnywhere) -> None:  # type: ignore[name-defined]  # noqa: F821
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"later.*NotDefinedAnywhere"):
+        app.submit("later", [1])
+    assert app.store.max_position() == 0
 
 
 @pytest.mark.parametrize("value", [object(), [1, object()], {"k": object()}], ids=["object", "in-list", "in-dict"])

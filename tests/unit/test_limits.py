@@ -264,6 +264,11 @@ async def test_process_returns_the_result(pool: ThreadPoolExecutor) -> None:
     assert await in_process("nested.holder", [4, 5], hard=30, pool=pool) == 9
 
 
+async def test_the_child_calls_the_handler_with_its_arguments_validated(pool: ThreadPoolExecutor) -> None:
+    # As a handler in a thread is called by the worker: "2" for an ``int`` parameter arrives as 2.
+    assert await in_process("add", ["2", 3], pool=pool) == 5
+
+
 async def test_process_reports_the_handlers_exception(pool: ThreadPoolExecutor) -> None:
     with pytest.raises(HandlerError) as raised:
         await in_process("fail", [7], pool=pool)
