@@ -14,6 +14,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -121,6 +122,21 @@ def views_path(events_path: str) -> str:
     return f"{stem}.views.{suffix}" if dot and "/" not in suffix else f"{events_path}.views"
 
 
+def _set_wal(connection: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Put the file in WAL mode. Switching a new file needs it alone, and SQLite's busy timeout does
+    not cover that: two processes opening a new views file at once saw "database is locked"."""
+    deadline, pause = time.monotonic() + timeout, 0.01
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
 def open_view_database(store_url: str) -> ViewDatabase:
     """The database of the views of the store at ``store_url`` (opened lazily, on first use)."""
     env = store_environment(store_url)
@@ -131,7 +147,7 @@ def open_view_database(store_url: str) -> ViewDatabase:
         def connect_sqlite() -> sqlite3.Connection:
             # Autocommit mode: every transaction is begun explicitly (see ViewDatabase.transaction).
             connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
+            _set_wal(connection)
             # Views can always be rebuilt from the events, and a view's rows and its position commit
             # together: after a power loss the views may be a few batches behind, never wrong. So
             # commits need not wait for the disk (one fsync per batch was a seventh of a catch-up).

@@ -33,6 +33,7 @@ __all__ = ["ProjectionRunner", "ViewPosition"]
 log = logging.getLogger(__name__)
 
 REGISTRY = "bq_views"
+_SETUP_LOCK = 0x62715F7669657773  # "bq_views": serialises set-ups of views on PostgreSQL
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class ProjectionRunner:
         """Create the registry and the live tables of every view (idempotent)."""
         real = "DOUBLE PRECISION" if self.database.dialect == "postgres" else "REAL"
         with self.database.transaction() as cursor:
+            if self.database.dialect == "postgres":
+                # CREATE TABLE IF NOT EXISTS is not safe against itself on PostgreSQL: two processes
+                # setting up at once can both try to create a table (a unique violation in its catalog).
+                cursor.execute("SELECT pg_advisory_xact_lock(?)", (_SETUP_LOCK,))
             cursor.execute(f"""CREATE TABLE IF NOT EXISTS {REGISTRY} (
                 name TEXT PRIMARY KEY, generation INTEGER NOT NULL, position BIGINT NOT NULL,
                 updated_at {real}, event_time {real}, building INTEGER, building_position BIGINT)""")

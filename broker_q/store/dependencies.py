@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from broker_q.store.setup import SETUP_LOCK
+
 __all__ = ["Dependencies", "MemoryDependencies", "SQLDependencies"]
 
 
@@ -97,6 +99,8 @@ class SQLDependencies:
         self._table = table
         index = table.rsplit(".", 1)[-1]
         with self._cursor(commit=True) as cursor:
+            if self._postgres:  # CREATE ... IF NOT EXISTS is not safe against itself on PostgreSQL
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK,))
             cursor.execute(f"CREATE TABLE IF NOT EXISTS {table} (parent TEXT NOT NULL, child TEXT NOT NULL, "
                            "done INTEGER NOT NULL, PRIMARY KEY (parent, child))")
             cursor.execute(f"CREATE INDEX IF NOT EXISTS {index}_by_child ON {table} (child, done)")

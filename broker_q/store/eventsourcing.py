@@ -8,6 +8,7 @@ says why. The library's errors are translated here into broker_q's own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -34,6 +35,7 @@ from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
 from broker_q.store.dependencies import Dependencies, MemoryDependencies, SQLDependencies
 from broker_q.store.port import AppendResult, Recorded
+from broker_q.store.setup import SETUP_LOCK
 from broker_q.store.timers import MemoryTimers, SQLTimers, Timer, Timers
 
 if TYPE_CHECKING:
@@ -91,9 +93,8 @@ def store_environment(url: str) -> dict[str, str]:
 def open_store(url: str) -> RecorderEventStore:
     """Open (and create if needed) the store at ``url``."""
     env = store_environment(url)
-    if env["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
-        _ensure_schema(env)
-    with _translated():
+    postgres = env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
+    with _setting_up(env) if postgres else contextlib.nullcontext(), _translated():
         factory: InfrastructureFactory[Any] = InfrastructureFactory.construct(Environment(APP_NAME, env))
         recorder = factory.process_recorder()
     signal = None
@@ -104,10 +105,10 @@ def open_store(url: str) -> RecorderEventStore:
     return RecorderEventStore(factory, recorder, signal)
 
 
-def _ensure_schema(env: dict[str, str]) -> None:
+@contextmanager
+def _setting_up(env: dict[str, str]) -> Iterator[None]:
+    """Create the store's schema if needed and hold the set-up lock (see ``SETUP_LOCK``) meanwhile."""
     schema = env["POSTGRES_SCHEMA"]
-    if schema == "public":
-        return
     try:
         import psycopg
         from psycopg import sql
@@ -118,7 +119,10 @@ def _ensure_schema(env: dict[str, str]) -> None:
             dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
             user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"], connect_timeout=5, autocommit=True,
         ) as conn:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            conn.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK,))
+            if schema != "public":
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            yield  # the lock goes with the connection
     except psycopg.OperationalError as e:
         raise StoreUnavailable(f"cannot reach PostgreSQL at {env['POSTGRES_HOST']}:{env['POSTGRES_PORT']}: {e}") from e
 

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from broker_q.store.setup import SETUP_LOCK
+
 __all__ = ["MemoryTimers", "SQLTimers", "Timer", "Timers"]
 
 
@@ -95,6 +97,8 @@ class SQLTimers:
         self._table = table
         real, blob = ("DOUBLE PRECISION", "BYTEA") if self._postgres else ("REAL", "BLOB")
         with self._cursor(commit=True) as cursor:
+            if self._postgres:  # CREATE ... IF NOT EXISTS is not safe against itself on PostgreSQL
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK,))
             cursor.execute(f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, due {real} NOT NULL, "
                            f"queue TEXT NOT NULL, priority INTEGER NOT NULL, body {blob} NOT NULL)")
             cursor.execute(f"CREATE INDEX IF NOT EXISTS brokerq_timers_by_due ON {table} (due, key)")
