@@ -18,7 +18,8 @@ leak past it::
     ├── TaskFailed                raised by ``TaskHandle.wait`` when the task ended in failure
     │   └── TaskCancelled
     └── (in ``broker_q.limits``, raised inside or for a handler)
-        SoftTimeLimitExceeded, TimeLimitExceeded, HandlerError (an isolated handler's own error)
+        SoftTimeLimitExceeded, TimeLimitExceeded, AttemptCancelled (raised in a sync handler's
+        thread), HandlerError (an isolated handler's own error)
     TimeoutError (builtin)        raised by waits that run out of time
 """
 

@@ -20,7 +20,8 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
   scheduler publishes the task again when it is due.
 - A cancellation reaches the workers as an event (each worker's presence queue is bound to the
   events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
-  running sync handler cannot be interrupted, so it runs on and its outcome is dropped.
+  running sync handler gets ``AttemptCancelled`` raised in its thread. A thread cannot be killed:
+  whatever the handler does next is dropped.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import socket
 import traceback
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,7 @@ from broker_q.errors import ConcurrencyConflict, SerializationError, StoreUnavai
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
+from broker_q.threads import HandlerThreads
 from broker_q.wire import ENVELOPE_CONTENT_TYPE, TaskEnvelope, WorkMessage
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class Worker:
         """Set once the worker consumes from all its queues."""
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.concurrency)
-        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="broker_q-handler")
+        self._pool = HandlerThreads(self.concurrency, spare=self.concurrency, name="broker_q-handler")
         self._writer: GroupCommitWriter | None = None
         self._breakers: Breakers | None = None
         self._acks: dict[int, _Acks] = {}

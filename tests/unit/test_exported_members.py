@@ -33,6 +33,16 @@ EXPORTED = {
         "UnknownTask",
         "ValidationError",
     ],
+    "broker_q.limits": [
+        "AttemptCancelled",
+        "HandlerError",
+        "Isolation",
+        "SoftTimeLimitExceeded",
+        "TimeLimitExceeded",
+        "abandoned_threads",
+        "run_handler",
+    ],
+    "broker_q.threads": ["HandlerThreads", "ThreadCall", "abandoned_threads", "cancelled"],
     "broker_q.domain": [
         "BreakerClosed",
         "BreakerEvent",
@@ -115,3 +125,9 @@ def test_the_root_package_re_exports_the_same_objects() -> None:
         assert getattr(root, name) is getattr(errors, name), name
     assert root.TaskState is domain.TaskState
     assert root.TaskStatus is domain.TaskStatus
+    limits = importlib.import_module("broker_q.limits")
+    threads = importlib.import_module("broker_q.threads")
+    assert root.SoftTimeLimitExceeded is limits.SoftTimeLimitExceeded
+    assert limits.abandoned_threads is threads.abandoned_threads
+    for error in (limits.AttemptCancelled, limits.SoftTimeLimitExceeded):
+        assert issubclass(error, errors.BrokerQError), error
