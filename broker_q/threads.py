@@ -10,8 +10,8 @@ A thread cannot be killed. What can be done to a sync handler running in one:
   keeps its thread, which is then *abandoned* until the handler returns.
 
 :class:`HandlerThreads` replaces each abandoned thread, up to ``spare`` of them, so that handlers that
-never return do not take the pool's capacity with them. Past that it is *exhausted*, and runs fewer
-calls at once until abandoned handlers return (``docs/time-limits.md``).
+never return do not take the pool's capacity with them. Past that it is *exhausted*; the worker then
+stops, for its supervisor to start it again with fresh threads (``docs/time-limits.md``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["HandlerThreads", "ThreadCall", "abandoned_threads", "cancelled"]
+from broker_q.errors import BrokerQError
+
+__all__ = ["HandlerThreads", "ThreadCall", "ThreadsExhausted", "abandoned_threads", "cancelled"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -38,6 +40,14 @@ _abandoned_count = 0
 
 _current = threading.local()
 """``call``: the :class:`ThreadCall` whose handler runs in this thread now, if any."""
+
+
+class ThreadsExhausted(BrokerQError):
+    """More sync handlers ran on past their hard time limit or cancellation than their pool replaces.
+
+    Raised by :meth:`broker_q.worker.Worker.run` after it stopped because of it: a restart of the
+    worker's process is the only way to get its threads back.
+    """
 
 
 def cancelled() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from broker_q.domain.events import TaskEvent, TaskReplayed, TaskRetryScheduled, 
 from broker_q.errors import ConfigurationError, DomainError
 from broker_q.limits import AttemptCancelled
 from broker_q.middleware import Attempt, Middleware
+from broker_q.threads import ThreadsExhausted
+from broker_q.worker import Worker
 from projections.database import open_view_database
 from projections.runner import ProjectionRunner
 from tests.helpers import running, wait_for
@@ -202,14 +205,97 @@ async def test_a_running_async_task_is_cancelled_and_a_sync_one_has_its_outcome_
         await asyncio.to_thread(app.cancel, a.id, reason="operator says stop")
         await asyncio.to_thread(app.cancel, s.id, reason="no longer wanted")
         await wait_for(lambda: seen == ["cancelled"], timeout=20, what="the async handler to be cancelled")
-        await wait_for(lambda: worker._pool.abandoned == 1, timeout=20,
+        await wait_for(lambda: worker.abandoned_threads == 1, timeout=20,
                        what="the sync handler to be abandoned after its grace")
         release.set()
-        await wait_for(lambda: "sync told" in seen and not worker._inflight and worker._pool.abandoned == 0,
+        await wait_for(lambda: "sync told" in seen and not worker._inflight and worker.abandoned_threads == 0,
                        timeout=20, what="the sync handler to finish")
     assert _types(app, a.id) == ["submitted", "started", "cancelled"]
     assert _types(app, s.id) == ["submitted", "started", "cancelled"]  # its late success was dropped
     assert app.get_task(s.id).cancel_reason == "no longer wanted"
+
+
+async def test_sync_handlers_running_on_past_their_hard_limit_or_cancellation_leave_the_worker_its_capacity(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = threading.Event()
+    entered: list[str] = []
+
+    @app.task(name="stuck", time_limit=0.3)
+    def stuck() -> str:
+        entered.append("stuck")
+        release.wait(60)  # blocked in C: neither its hard limit nor a cancellation can interrupt it
+        return "too late"
+
+    @app.task(name="hangs")
+    def hangs() -> str:
+        entered.append("hangs")
+        release.wait(60)
+        return "too late"
+
+    @app.task(name="quick")
+    def quick(n: int) -> int:
+        return n
+
+    caplog.set_level(logging.WARNING, logger="broker_q.worker")
+    async with running(app, concurrency=1, max_abandoned_threads=2) as worker:
+        try:
+            timed_out = await stuck.submit()
+            with pytest.raises(TaskFailed) as failed:
+                await timed_out.result(timeout=20)
+            assert failed.value.error_type == "TimeLimitExceeded"
+            assert await (await quick.submit(1)).result(timeout=20) == 1  # on the thread that replaced it
+            hung = await hangs.submit()
+            await wait_for(lambda: "hangs" in entered, timeout=20, what="the second handler to start")
+            await asyncio.to_thread(app.cancel, hung.id, reason="give up")
+            assert await (await quick.submit(2)).result(timeout=20) == 2  # once its grace has passed
+            assert worker.abandoned_threads == 2
+        finally:
+            release.set()
+        await wait_for(lambda: worker.abandoned_threads == 0, timeout=20, what="the stuck handlers to return")
+    assert _types(app, timed_out.id) == ["submitted", "started", "dead_lettered"]
+    assert app.get_task(timed_out.id).timed_out
+    assert _types(app, hung.id) == ["submitted", "started", "cancelled"]
+    abandoned = [r.getMessage() for r in caplog.records if "is abandoned" in r.getMessage()]
+    assert [r.levelno for r in caplog.records if "is abandoned" in r.getMessage()] == [logging.WARNING] * 2
+    assert abandoned[0].startswith(f"task {timed_out.id}: its handler runs on past its hard time limit")
+    assert abandoned[1].startswith(f"task {hung.id}: its handler runs on past its cancellation")
+
+
+async def test_a_worker_that_lost_more_threads_than_it_replaces_stops_and_its_tasks_run_elsewhere(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = threading.Event()
+
+    @app.task(name="stuck", time_limit=0.3)
+    def stuck() -> str:
+        release.wait(60)
+        return "too late"
+
+    @app.task(name="quick")
+    def quick(n: int) -> int:
+        return n
+
+    worker = Worker(app, concurrency=1, max_abandoned_threads=1, shutdown_grace=0.5)
+    amqp_cleanup.extend([worker.topology.work_queue("elsewhere"), worker.topology.ingress_queue("elsewhere")])
+    caplog.set_level(logging.ERROR, logger="broker_q.worker")
+    try:
+        async with running(app, queues=["elsewhere"]):  # the relay, and a worker for no queue of these tasks
+            lost = asyncio.create_task(worker.run(asyncio.Event()))  # nobody will ask it to stop
+            await wait_for(worker.ready.is_set, timeout=20, what="the worker to start")
+            for _ in range(2):
+                with pytest.raises(TaskFailed, match="TimeLimitExceeded"):
+                    await (await stuck.submit()).result(timeout=20)
+            after = await quick.submit(3)
+            with pytest.raises(ThreadsExhausted):
+                await asyncio.wait_for(lost, 30)
+        assert [r.levelno for r in caplog.records if "supervisor" in r.getMessage()] == [logging.ERROR]
+        async with running(app):  # the worker its supervisor starts again
+            assert await after.result(timeout=20) == 3
+    finally:
+        release.set()
 
 
 async def test_an_open_breaker_defers_its_tasks_without_spending_attempts(

@@ -42,7 +42,7 @@ EXPORTED = {
         "abandoned_threads",
         "run_handler",
     ],
-    "broker_q.threads": ["HandlerThreads", "ThreadCall", "abandoned_threads", "cancelled"],
+    "broker_q.threads": ["HandlerThreads", "ThreadCall", "ThreadsExhausted", "abandoned_threads", "cancelled"],
     "broker_q.domain": [
         "BreakerClosed",
         "BreakerEvent",
@@ -129,5 +129,5 @@ def test_the_root_package_re_exports_the_same_objects() -> None:
     threads = importlib.import_module("broker_q.threads")
     assert root.SoftTimeLimitExceeded is limits.SoftTimeLimitExceeded
     assert limits.abandoned_threads is threads.abandoned_threads
-    for error in (limits.AttemptCancelled, limits.SoftTimeLimitExceeded):
+    for error in (limits.AttemptCancelled, limits.SoftTimeLimitExceeded, threads.ThreadsExhausted):
         assert issubclass(error, errors.BrokerQError), error
