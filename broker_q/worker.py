@@ -20,9 +20,8 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
   scheduler publishes the task again when it is due.
 - A cancellation reaches the workers as an event (each worker's presence queue is bound to the
   events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
-  running sync handler gets ``AttemptCancelled`` raised in its thread (and
-  ``broker_q.threads.cancelled()`` turns true in it). A thread cannot be killed: whatever the
-  handler does next is dropped.
+  running sync handler gets ``AttemptCancelled`` raised in its thread (and ``broker_q.cancelled()``
+  turns true in it). A thread cannot be killed: whatever the handler does next is dropped.
 - A sync handler that runs on past its hard limit or its cancellation keeps its thread, which the
   worker replaces, so that ``concurrency`` handlers can still run. Past ``max_abandoned_threads``
   such threads the worker stops, as on SIGTERM, and :meth:`Worker.run` raises ``ThreadsExhausted``:

@@ -9,18 +9,18 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-from broker_q import App, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus
+from broker_q import App, AttemptCancelled, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus, cancelled
 from broker_q.breakers import Breakers
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import TaskEvent, TaskReplayed, TaskRetryScheduled, TaskStarted
 from broker_q.errors import ConfigurationError, DomainError
-from broker_q.limits import AttemptCancelled
 from broker_q.middleware import Attempt, Middleware
 from broker_q.threads import ThreadsExhausted
 from broker_q.worker import Worker
@@ -213,6 +213,50 @@ async def test_a_running_async_task_is_cancelled_and_a_sync_one_has_its_outcome_
     assert _types(app, a.id) == ["submitted", "started", "cancelled"]
     assert _types(app, s.id) == ["submitted", "started", "cancelled"]  # its late success was dropped
     assert app.get_task(s.id).cancel_reason == "no longer wanted"
+
+
+async def test_a_cancelled_sync_handler_gets_attempt_cancelled_in_its_thread_or_sees_it_with_cancelled(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    entered: list[str] = []
+    seen: list[tuple[str, str]] = []
+
+    @app.task(name="spin")
+    def spin() -> int:
+        entered.append("spin")
+        n = 0
+        try:
+            while True:  # pure Python: the exception lands at the next bytecode boundary
+                n += 1
+        except AttemptCancelled:
+            seen.append(("spin", threading.current_thread().name))
+            raise
+
+    @app.task(name="chunks")
+    def chunks() -> str:
+        entered.append("chunks")
+        while not cancelled():
+            try:
+                time.sleep(0.01)  # a chunk of work
+            except Exception as e:  # a broad except, as real loops have: it swallows AttemptCancelled too
+                seen.append(("chunks swallowed", type(e).__name__))
+        seen.append(("chunks", "saw cancelled()"))
+        return "stopped early"
+
+    async with running(app, concurrency=2) as worker:
+        pure, cooperative = await spin.submit(), await chunks.submit()
+        await wait_for(lambda: sorted(entered) == ["chunks", "spin"], timeout=20, what="both handlers to start")
+        await asyncio.to_thread(app.cancel, pure.id, reason="stop spinning")
+        await asyncio.to_thread(app.cancel, cooperative.id, reason="stop looping")
+        await wait_for(lambda: len(seen) == 3 and not worker._inflight, timeout=20,
+                       what="both handlers to stop and their messages to be acknowledged")
+    found = dict(seen)
+    assert found["spin"].startswith("broker_q-handler")  # raised in the handler's own thread
+    assert found["chunks swallowed"] == "AttemptCancelled"
+    assert found["chunks"] == "saw cancelled()"
+    for handle in (pure, cooperative):
+        assert _types(app, handle.id) == ["submitted", "started", "cancelled"]  # no late outcome recorded
 
 
 async def test_sync_handlers_running_on_past_their_hard_limit_or_cancellation_leave_the_worker_its_capacity(

@@ -9,6 +9,7 @@ import pytest
 EXPORTED = {
     "broker_q": [
         "App",
+        "AttemptCancelled",
         "BrokerQError",
         "BrokerUnavailable",
         "ConcurrencyConflict",
@@ -32,6 +33,7 @@ EXPORTED = {
         "TimeLimitExceeded",
         "UnknownTask",
         "ValidationError",
+        "cancelled",
     ],
     "broker_q.limits": [
         "AttemptCancelled",
@@ -127,7 +129,9 @@ def test_the_root_package_re_exports_the_same_objects() -> None:
     assert root.TaskStatus is domain.TaskStatus
     limits = importlib.import_module("broker_q.limits")
     threads = importlib.import_module("broker_q.threads")
+    assert root.AttemptCancelled is limits.AttemptCancelled
     assert root.SoftTimeLimitExceeded is limits.SoftTimeLimitExceeded
+    assert root.cancelled is threads.cancelled
     assert limits.abandoned_threads is threads.abandoned_threads
     for error in (limits.AttemptCancelled, limits.SoftTimeLimitExceeded, threads.ThreadsExhausted):
         assert issubclass(error, errors.BrokerQError), error
