@@ -342,6 +342,42 @@ async def test_a_worker_that_lost_more_threads_than_it_replaces_stops_and_its_ta
         release.set()
 
 
+async def test_a_cancelled_task_in_the_prefetch_buffer_never_runs(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = threading.Event()
+    calls: list[int] = []
+
+    @app.task(name="hold")
+    def hold() -> str:
+        calls.append(-1)
+        release.wait(60)
+        return "held"
+
+    @app.task(name="count")
+    def count(n: int) -> int:
+        calls.append(n)
+        return n
+
+    async with running(app, concurrency=1, prefetch=4) as worker:
+        try:
+            holder = await hold.submit()
+            await wait_for(lambda: calls == [-1], timeout=20, what="the first task to hold the only slot")
+            queued = [await count.submit(n) for n in range(3)]
+            await wait_for(lambda: len(worker._inflight) == 4, timeout=20,
+                           what="the three others to be delivered to the worker and wait there")
+            await asyncio.to_thread(app.cancel, queued[1].id, reason="not needed")
+        finally:
+            release.set()
+        assert await holder.result(timeout=20) == "held"
+        assert [await queued[n].result(timeout=20) for n in (0, 2)] == [0, 2]
+        with pytest.raises(TaskCancelled, match="not needed"):
+            await queued[1].result(timeout=5)
+    assert calls == [-1, 0, 2]
+    assert _types(app, queued[1].id) == ["submitted", "cancelled"]
+
+
 async def test_an_open_breaker_defers_its_tasks_without_spending_attempts(
     durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
 ) -> None:
