@@ -28,12 +28,14 @@ if TYPE_CHECKING:
         UnknownTask,
         ValidationError,
     )
-    from broker_q.limits import SoftTimeLimitExceeded, TimeLimitExceeded
+    from broker_q.limits import AttemptCancelled, SoftTimeLimitExceeded, TimeLimitExceeded
     from broker_q.middleware import Middleware
     from broker_q.settings import Settings
+    from broker_q.threads import cancelled
 
 __all__ = [
     "App",
+    "AttemptCancelled",
     "BrokerQError",
     "BrokerUnavailable",
     "ConcurrencyConflict",
@@ -57,6 +59,7 @@ __all__ = [
     "TimeLimitExceeded",
     "UnknownTask",
     "ValidationError",
+    "cancelled",
 ]
 
 # Importing the package imports nothing else: ``import broker_q.domain`` must not pull in the store,
@@ -67,12 +70,14 @@ _WHERE = {
     "TaskHandle": "broker_q.app",
     "Retry": "broker_q.domain.retry",
     "RetryPolicy": "broker_q.domain.retry",
+    "AttemptCancelled": "broker_q.limits",
     "SoftTimeLimitExceeded": "broker_q.limits",
     "TimeLimitExceeded": "broker_q.limits",
     "Middleware": "broker_q.middleware",
     "TaskState": "broker_q.domain.task",
     "TaskStatus": "broker_q.domain.task",
     "Settings": "broker_q.settings",
+    "cancelled": "broker_q.threads",
 }
 
 

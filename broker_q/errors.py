@@ -17,8 +17,10 @@ leak past it::
     ├── BrokerUnavailable         RabbitMQ cannot be reached now
     ├── TaskFailed                raised by ``TaskHandle.wait`` when the task ended in failure
     │   └── TaskCancelled
-    └── (in ``broker_q.limits``, raised inside or for a handler)
-        SoftTimeLimitExceeded, TimeLimitExceeded, HandlerError (an isolated handler's own error)
+    ├── (in ``broker_q.limits``, raised inside or for a handler)
+    │   SoftTimeLimitExceeded, TimeLimitExceeded, AttemptCancelled (raised in a sync handler's
+    │   thread), HandlerError (an isolated handler's own error)
+    └── (in ``broker_q.threads``) ThreadsExhausted   a worker stopped: too many handler threads lost
     TimeoutError (builtin)        raised by waits that run out of time
 """
 

@@ -10,7 +10,9 @@ for each kind of handler and what it does not. In short:
 - the **hard limit** stops waiting: ``run_handler`` raises :class:`TimeLimitExceeded`. Only a handler
   run with ``isolation="process"`` is sure to be stopped (its process is killed); an async handler is
   cancelled once more and left behind after a short grace; a sync handler's thread runs on, its
-  outcome discarded, and is counted by :func:`abandoned_threads`.
+  outcome discarded, and is counted by :func:`abandoned_threads` (``broker_q.threads`` replaces it).
+- **cancelling** the call cancels an async handler, kills a child process, and raises
+  :class:`AttemptCancelled` in a sync handler's thread (which :func:`broker_q.cancelled` also tells).
 
 Both limits are measured from the call to ``run_handler``, except a soft limit with
 ``isolation="process"``, which the child process measures from the moment it calls the handler.
@@ -19,17 +21,14 @@ Both limits are measured from the call to ``run_handler``, except a soft limit w
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib
 import json
 import multiprocessing
 import os
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -37,8 +36,10 @@ from typing import Any, Literal
 
 from broker_q.arguments import Parameters
 from broker_q.errors import BrokerQError, SerializationError
+from broker_q.threads import HandlerThreads, ThreadCall, abandoned_threads
 
 __all__ = [
+    "AttemptCancelled",
     "HandlerError",
     "Isolation",
     "SoftTimeLimitExceeded",
@@ -65,6 +66,18 @@ class TimeLimitExceeded(BrokerQError):
     """The hard time limit passed before the handler finished: the attempt timed out."""
 
 
+class AttemptCancelled(BrokerQError):
+    """The attempt was cancelled while the handler ran: its task was cancelled, or its worker is stopping.
+
+    Raised inside a sync handler's thread so that it stops, and may clean up; whatever it returns or
+    raises then is discarded. An async handler gets ``asyncio.CancelledError`` instead, and a handler
+    with ``isolation="process"`` is killed.
+    """
+
+    def __init__(self, message: str = "the attempt was cancelled") -> None:
+        super().__init__(message)
+
+
 class HandlerError(BrokerQError):
     """A handler run with ``isolation="process"`` raised, or its process died without a reply.
 
@@ -89,10 +102,11 @@ async def run_handler(
     is_async: bool,
     soft_time_limit: float | None,
     time_limit: float | None,
-    pool: ThreadPoolExecutor,
+    pool: HandlerThreads,
     isolation: Isolation = "thread",
     target: tuple[str, str] | None = None,
     grace: float = 1.0,
+    on_abandon: Callable[[str], None] | None = None,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` under the given limits (seconds; None for none) and return its result.
 
@@ -103,11 +117,17 @@ async def run_handler(
     arguments against the function's type hints (:mod:`broker_q.arguments`) and calls it with the values.
 
     ``grace`` bounds how long a handler cancelled at the hard limit, or whose caller was cancelled, is
-    waited for (async), and how long a child that replied is given to exit before it is killed.
+    waited for (async, or sync in a thread), and how long a child that replied is given to exit before
+    it is killed.
+
+    ``on_abandon`` is called, in the event loop, when a sync handler's thread is abandoned: the call
+    was given up on while the handler still ran, at the ``"hard time limit"`` or at the
+    ``"cancellation"`` (after its grace). The handler runs on; ``pool`` replaces its thread.
 
     Raises :class:`SoftTimeLimitExceeded`, :class:`TimeLimitExceeded`, :class:`HandlerError`
     (process isolation), or whatever the handler raised. Cancelling the call cancels an async handler,
-    kills a child process, and abandons a thread (which runs on), then propagates the cancellation.
+    kills a child process, and raises :class:`AttemptCancelled` in a sync handler's thread (which is
+    abandoned if the handler has not returned within ``grace``), then propagates the cancellation.
     """
     for name, limit in (("soft_time_limit", soft_time_limit), ("time_limit", time_limit)):
         if limit is not None and limit <= 0:
@@ -126,11 +146,11 @@ async def run_handler(
         if soft_time_limit is None and time_limit is None:
             return await fn(*args, **kwargs)
         return await _run_async(fn(*args, **kwargs), soft_time_limit, time_limit, grace)
-    return await _run_in_thread(_ThreadCall(fn, args, kwargs), soft_time_limit, time_limit, pool)
+    return await _run_in_thread(ThreadCall(fn, args, kwargs), soft_time_limit, time_limit, pool, grace, on_abandon)
 
 
 async def _supervise(work: asyncio.Future[Any], soft: float | None, hard: float | None,
-                     on_soft: Callable[[], None]) -> bool:
+                     on_soft: Callable[[], object]) -> bool:
     """Wait for ``work``, calling ``on_soft`` at the soft limit; False if the hard limit passed first."""
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -184,115 +204,47 @@ async def _give_up(task: asyncio.Future[Any], grace: float) -> None:
 
 # -- sync handlers in a thread --------------------------------------------------------------------
 
-_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-_NO_EXCEPTION = ctypes.py_object()  # NULL: clears a pending asynchronous exception
-
-# Threads are the process's, not a worker's: so is their count.
-_abandoned_lock = threading.Lock()
-_abandoned_count = 0
-
-
-def abandoned_threads() -> int:
-    """How many sync handlers run on in threads that :func:`run_handler` gave up on.
-
-    A thread is abandoned at the hard limit or when the call is cancelled, and counted until its
-    handler returns. Each one holds a thread of its pool meanwhile.
-    """
-    return _abandoned_count
-
-
-def _count_abandoned(change: int) -> None:
-    global _abandoned_count
-    with _abandoned_lock:
-        _abandoned_count += change
-
-
-class _ThreadCall:
-    """One sync handler call in a pool thread, and the only ways to interrupt it or give up on it.
-
-    The soft limit's exception is raised in the thread asynchronously, at its next bytecode
-    boundary, wherever it is. So that it can only land inside this call, the lock orders
-    :meth:`interrupt` against the call's start and finish: the exception is sent at most once, only
-    while the call runs, and a pending one is cleared when the call finishes.
-    """
-
-    def __init__(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
-        self._fn = fn
-        self._args = args
-        self._kwargs = kwargs
-        self._lock = threading.Lock()
-        self._thread_id = 0  # set while the handler runs
-        self._finished = False
-        self._soft_passed = False
-        self._sent = False
-        self._abandoned = False
-        self._counted = False
-
-    def __call__(self) -> Any:
-        try:
-            with self._lock:
-                if self._abandoned:
-                    return None  # given up on before a thread was free; the outcome is discarded
-                if self._soft_passed:
-                    raise SoftTimeLimitExceeded()
-                self._thread_id = threading.get_ident()
-            return self._fn(*self._args, **self._kwargs)
-        finally:
-            try:
-                self._finish()
-            except SoftTimeLimitExceeded:
-                # It arrived after the handler, before _finish cleared it. It is sent once, so
-                # _finish cannot be interrupted again; the soft limit did pass before the call ended.
-                self._finish()
-                raise
-
-    def _finish(self) -> None:
-        with self._lock:
-            self._finished = True
-            if self._sent:
-                _set_async_exc(self._thread_id, _NO_EXCEPTION)
-            if self._counted:
-                self._counted = False
-                _count_abandoned(-1)
-
-    def interrupt(self) -> None:
-        """Raise :class:`SoftTimeLimitExceeded` in the handler, or before it starts if it has not."""
-        with self._lock:
-            self._soft_passed = True
-            if self._thread_id and not self._finished and not self._sent:
-                self._sent = True
-                _set_async_exc(self._thread_id, SoftTimeLimitExceeded)
-
-    def abandon(self) -> None:
-        """Stop caring: the handler runs on, counted by :func:`abandoned_threads`, or never starts."""
-        with self._lock:
-            self._abandoned = True
-            if self._thread_id and not self._finished and not self._counted:
-                self._counted = True
-                _count_abandoned(1)
-
-
-async def _run_in_thread(call: _ThreadCall, soft: float | None, hard: float | None,
-                         pool: ThreadPoolExecutor) -> Any:
-    work = asyncio.get_running_loop().run_in_executor(pool, call)
-    if soft is None and hard is None:
-        try:
-            return await work
-        except asyncio.CancelledError:
-            call.abandon()
-            raise
+async def _run_in_thread(call: ThreadCall, soft: float | None, hard: float | None, pool: HandlerThreads,
+                         grace: float, on_abandon: Callable[[str], None] | None) -> Any:
+    running = pool.submit(call)
+    work = asyncio.wrap_future(running)
     try:
-        finished = await _supervise(work, soft, hard, call.interrupt)
+        if soft is None and hard is None:
+            return await work  # the cheapest wait, for the common case
+        finished = await _supervise(work, soft, hard, lambda: call.interrupt(SoftTimeLimitExceeded))
     except asyncio.CancelledError:
-        call.abandon()
-        work.cancel()
+        try:
+            if call.cancel(AttemptCancelled):
+                # Time to clean up, as an async handler has. ``work`` may have been cancelled with
+                # this task: wait for the call itself.
+                waiting = asyncio.wrap_future(running)
+                try:
+                    await asyncio.wait({waiting}, timeout=grace)
+                finally:
+                    _drop(waiting)
+        finally:
+            _drop(work)
+            _give_up_thread(call, pool, "cancellation", on_abandon)
         raise
     if not finished:
-        call.abandon()
-        work.cancel()  # and so its outcome is dropped, even once the loop is closed
+        _drop(work)
+        _give_up_thread(call, pool, "hard time limit", on_abandon)
         raise _hard_limit_passed(hard)
     return work.result()
+
+
+def _drop(work: asyncio.Future[Any]) -> None:
+    """Let go of the outcome of a call nobody will read."""
+    if not work.done():
+        work.cancel()  # and so its outcome is dropped, even once the loop is closed
+    elif not work.cancelled():
+        work.exception()  # read: asyncio would report an exception nobody retrieved
+
+
+def _give_up_thread(call: ThreadCall, pool: HandlerThreads, reason: str,
+                    on_abandon: Callable[[str], None] | None) -> None:
+    if pool.give_up(call) and on_abandon is not None:
+        on_abandon(reason)
 
 
 # -- sync handlers in a child process -------------------------------------------------------------

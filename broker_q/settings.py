@@ -28,4 +28,8 @@ class Settings(BaseSettings):
         description="Seconds between reads of an idle store; the store's change signal wakes the relay sooner")
     worker_concurrency: int = Field(default=8, gt=0)
     worker_prefetch: int | None = Field(default=None, gt=0, description="Defaults to 2 x concurrency")
+    worker_max_abandoned_threads: int | None = Field(
+        default=None, ge=0,
+        description="Threads of sync handlers that ran on past their hard limit or cancellation that a worker "
+                    "replaces; one more and it stops, for its supervisor to restart it. Defaults to the concurrency")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds SIGTERM waits for running tasks")

@@ -23,7 +23,12 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
   task whose arguments do not fit (its client could not check them) is dead-lettered uncalled.
 - A cancellation reaches the workers as an event (each worker's presence queue is bound to the
   events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
-  running sync handler cannot be interrupted, so it runs on and its outcome is dropped.
+  running sync handler gets ``AttemptCancelled`` raised in its thread (and ``broker_q.cancelled()``
+  turns true in it). A thread cannot be killed: whatever the handler does next is dropped.
+- A sync handler that runs on past its hard limit or its cancellation keeps its thread, which the
+  worker replaces, so that ``concurrency`` handlers can still run. Past ``max_abandoned_threads``
+  such threads the worker stops, as on SIGTERM, and :meth:`Worker.run` raises ``ThreadsExhausted``:
+  only a new process gets the threads back.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import socket
 import traceback
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +76,7 @@ from broker_q.errors import ConcurrencyConflict, SerializationError, StoreUnavai
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
+from broker_q.threads import HandlerThreads, ThreadsExhausted
 from broker_q.wire import ENVELOPE_CONTENT_TYPE, TaskEnvelope, WorkMessage
 
 if TYPE_CHECKING:
@@ -98,6 +103,7 @@ class Worker:
         prefetch: int | None = None,
         worker_id: str | None = None,
         shutdown_grace: float | None = None,
+        max_abandoned_threads: int | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
@@ -106,12 +112,18 @@ class Worker:
         self.prefetch = prefetch or settings.worker_prefetch or 2 * self.concurrency
         self.id = worker_id or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        if max_abandoned_threads is None:
+            max_abandoned_threads = settings.worker_max_abandoned_threads
+        self.max_abandoned_threads = self.concurrency if max_abandoned_threads is None else max_abandoned_threads
+        """Abandoned sync handler threads replaced; one more and the worker stops (:class:`ThreadsExhausted`)."""
         self.topology = Topology(settings.namespace)
         self.ready = asyncio.Event()
         """Set once the worker consumes from all its queues."""
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.concurrency)
-        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="broker_q-handler")
+        self._pool = HandlerThreads(self.concurrency, spare=self.max_abandoned_threads, name="broker_q-handler")
+        self._exhausted = asyncio.Event()
+        """Set when more sync handler threads are abandoned than replaced: the worker stops."""
         self._writer: GroupCommitWriter | None = None
         self._breakers: Breakers | None = None
         self._acks: dict[int, _Acks] = {}
@@ -126,8 +138,18 @@ class Worker:
         """Recently cancelled tasks (bounded): a cancellation that arrives before its handler starts."""
         self._stopping = False
 
+    @property
+    def abandoned_threads(self) -> int:
+        """Threads of this worker whose sync handlers run on past their hard limit or cancellation."""
+        return self._pool.abandoned
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`)."""
+        """Consume until ``stop`` is set, then shut down gracefully (see :meth:`_shutdown`).
+
+        Raises :class:`ThreadsExhausted` after shutting down by itself, when more sync handlers ran on
+        past their hard limit or cancellation than it replaces (``max_abandoned_threads``): whoever
+        runs the worker should let its process exit, and start a new one.
+        """
         for definition in self.app.tasks.values():
             definition.parameters.prepare()  # a type hint that cannot be resolved stops the worker here
         store = await asyncio.to_thread(lambda: self.app.store)
@@ -156,15 +178,19 @@ class Worker:
                     self._spawn(functools.partial(self._on_ingress, queue=queue)))))
             unrouted = await channel.declare_queue(self.topology.unrouted, durable=True)
             consumers.append((unrouted, await unrouted.consume(self._spawn(self._on_unrouted))))
-            log.info("%s consuming %s (concurrency %d, prefetch %d)", self.id, ",".join(self.queues),
-                     self.concurrency, self.prefetch)
+            log.info("%s consuming %s (concurrency %d, prefetch %d, up to %d abandoned threads replaced)", self.id,
+                     ",".join(self.queues), self.concurrency, self.prefetch, self.max_abandoned_threads)
             self.ready.set()
-            await stop.wait()
+            await _either(stop, self._exhausted)
             await self._shutdown(consumers)
         finally:
             await self._writer.close()
             await connection.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._exhausted.is_set():
+            raise ThreadsExhausted(
+                f"{self.id} stopped: more than {self.max_abandoned_threads} sync handler threads ran on past their "
+                f"hard time limit or cancellation; a new process starts with fresh threads")
 
     async def _shutdown(self, consumers: list[tuple[AbstractQueue, str]]) -> None:
         """Stop taking messages, give running tasks ``shutdown_grace`` seconds, then let go of the rest.
@@ -186,6 +212,8 @@ class Worker:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%s left %d task(s) unfinished; they will be redelivered", self.id, len(pending))
+        if self._pool.abandoned:
+            log.warning("%s stops with %d abandoned handler thread(s) still running", self.id, self._pool.abandoned)
         await asyncio.sleep(0)  # let the last completions schedule their acknowledgements
         acks = [ack for channel_acks in self._acks.values() for ack in channel_acks.pending]
         if acks:
@@ -423,7 +451,18 @@ class Worker:
         return await run_handler(definition.fn, args, kwargs, is_async=definition.is_async,
                                  soft_time_limit=soft, time_limit=hard, pool=self._pool,
                                  isolation=definition.isolation,
-                                 target=(definition.fn.__module__, definition.fn.__qualname__))
+                                 target=(definition.fn.__module__, definition.fn.__qualname__),
+                                 on_abandon=functools.partial(self._on_abandon, work.id))
+
+    def _on_abandon(self, task_id: uuid.UUID, reason: str) -> None:
+        """A sync handler runs on past its ``reason``: log it, and stop once too many threads are lost."""
+        pool = self._pool
+        log.warning("task %s: its handler runs on past its %s, its outcome discarded; its thread is abandoned "
+                    "(%d abandoned in %s, up to %d replaced)", task_id, reason, pool.abandoned, self.id, pool.spare)
+        if pool.exhausted and not self._stopping and not self._exhausted.is_set():
+            log.error("%s: %d sync handler threads abandoned, more than the %d it replaces: it stops, for its "
+                      "supervisor to start it again", self.id, pool.abandoned, pool.spare)
+            self._exhausted.set()
 
     def _failed(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
                 error: Exception, trace: str, *, prefix: str = "", timed_out: bool = False,
@@ -599,6 +638,15 @@ def _log_ack_failure(ack: asyncio.Future[None]) -> None:
     if not ack.cancelled() and ack.exception() is not None:
         # The channel is gone: its unacked messages are redelivered, and their outcome is in the store.
         log.warning("acknowledgement lost: %s", ack.exception())
+
+
+async def _either(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _summary(error: pydantic.ValidationError) -> str:

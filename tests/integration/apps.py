@@ -39,6 +39,13 @@ def sleep_then_return(seconds: float, marker: str) -> str:
     return threading.current_thread().name
 
 
+@app.task(name="ignores_its_limit", time_limit=0.5)
+def ignores_its_limit(marker: str) -> None:
+    """Blocks in C past its hard limit for as long as its process lives: a thread cannot be killed."""
+    Path(marker).write_text(str(os.getpid()))
+    threading.Event().wait()
+
+
 # -- for the fault tests and soaks (tests/faults.py) ------------------------------------------
 
 

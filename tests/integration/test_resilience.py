@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-from broker_q import App, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus
+from broker_q import App, AttemptCancelled, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus, cancelled
 from broker_q.breakers import Breakers
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import TaskEvent, TaskReplayed, TaskRetryScheduled, TaskStarted
 from broker_q.errors import ConfigurationError, DomainError
 from broker_q.middleware import Attempt, Middleware
+from broker_q.threads import ThreadsExhausted
+from broker_q.worker import Worker
 from tests.helpers import running, wait_for
 from tests.integration import isolated
 
@@ -207,7 +211,11 @@ async def test_a_running_async_task_is_cancelled_and_a_sync_one_has_its_outcome_
     @app.task(name="blocking")
     def blocking() -> str:
         started["sync"].set()
-        release.wait(30)
+        try:
+            release.wait(30)  # in C: the cancellation is raised when it returns to Python
+        except AttemptCancelled:
+            seen.append("sync told")
+            raise
         seen.append("sync returned")
         return "too late"
 
@@ -218,12 +226,177 @@ async def test_a_running_async_task_is_cancelled_and_a_sync_one_has_its_outcome_
         await asyncio.to_thread(app.cancel, a.id, reason="operator says stop")
         await asyncio.to_thread(app.cancel, s.id, reason="no longer wanted")
         await wait_for(lambda: seen == ["cancelled"], timeout=20, what="the async handler to be cancelled")
+        await wait_for(lambda: worker.abandoned_threads == 1, timeout=20,
+                       what="the sync handler to be abandoned after its grace")
         release.set()
-        await wait_for(lambda: "sync returned" in seen and not worker._inflight, timeout=20,
-                       what="the sync handler to finish")
+        await wait_for(lambda: "sync told" in seen and not worker._inflight and worker.abandoned_threads == 0,
+                       timeout=20, what="the sync handler to finish")
     assert _types(app, a.id) == ["submitted", "started", "cancelled"]
     assert _types(app, s.id) == ["submitted", "started", "cancelled"]  # its late success was dropped
     assert app.get_task(s.id).cancel_reason == "no longer wanted"
+
+
+async def test_a_cancelled_sync_handler_gets_attempt_cancelled_in_its_thread_or_sees_it_with_cancelled(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    entered: list[str] = []
+    seen: list[tuple[str, str]] = []
+
+    @app.task(name="spin")
+    def spin() -> int:
+        entered.append("spin")
+        n = 0
+        try:
+            while True:  # pure Python: the exception lands at the next bytecode boundary
+                n += 1
+        except AttemptCancelled:
+            seen.append(("spin", threading.current_thread().name))
+            raise
+
+    @app.task(name="chunks")
+    def chunks() -> str:
+        entered.append("chunks")
+        while not cancelled():
+            try:
+                time.sleep(0.01)  # a chunk of work
+            except Exception as e:  # a broad except, as real loops have: it swallows AttemptCancelled too
+                seen.append(("chunks swallowed", type(e).__name__))
+        seen.append(("chunks", "saw cancelled()"))
+        return "stopped early"
+
+    async with running(app, concurrency=2) as worker:
+        pure, cooperative = await spin.submit(), await chunks.submit()
+        await wait_for(lambda: sorted(entered) == ["chunks", "spin"], timeout=20, what="both handlers to start")
+        await asyncio.to_thread(app.cancel, pure.id, reason="stop spinning")
+        await asyncio.to_thread(app.cancel, cooperative.id, reason="stop looping")
+        await wait_for(lambda: len(seen) == 3 and not worker._inflight, timeout=20,
+                       what="both handlers to stop and their messages to be acknowledged")
+    found = dict(seen)
+    assert found["spin"].startswith("broker_q-handler")  # raised in the handler's own thread
+    assert found["chunks swallowed"] == "AttemptCancelled"
+    assert found["chunks"] == "saw cancelled()"
+    for handle in (pure, cooperative):
+        assert _types(app, handle.id) == ["submitted", "started", "cancelled"]  # no late outcome recorded
+
+
+async def test_sync_handlers_running_on_past_their_hard_limit_or_cancellation_leave_the_worker_its_capacity(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = threading.Event()
+    entered: list[str] = []
+
+    @app.task(name="stuck", time_limit=0.3)
+    def stuck() -> str:
+        entered.append("stuck")
+        release.wait(60)  # blocked in C: neither its hard limit nor a cancellation can interrupt it
+        return "too late"
+
+    @app.task(name="hangs")
+    def hangs() -> str:
+        entered.append("hangs")
+        release.wait(60)
+        return "too late"
+
+    @app.task(name="quick")
+    def quick(n: int) -> int:
+        return n
+
+    caplog.set_level(logging.WARNING, logger="broker_q.worker")
+    async with running(app, concurrency=1, max_abandoned_threads=2) as worker:
+        try:
+            timed_out = await stuck.submit()
+            with pytest.raises(TaskFailed) as failed:
+                await timed_out.result(timeout=20)
+            assert failed.value.error_type == "TimeLimitExceeded"
+            assert await (await quick.submit(1)).result(timeout=20) == 1  # on the thread that replaced it
+            hung = await hangs.submit()
+            await wait_for(lambda: "hangs" in entered, timeout=20, what="the second handler to start")
+            await asyncio.to_thread(app.cancel, hung.id, reason="give up")
+            assert await (await quick.submit(2)).result(timeout=20) == 2  # once its grace has passed
+            assert worker.abandoned_threads == 2
+        finally:
+            release.set()
+        await wait_for(lambda: worker.abandoned_threads == 0, timeout=20, what="the stuck handlers to return")
+    assert _types(app, timed_out.id) == ["submitted", "started", "dead_lettered"]
+    assert app.get_task(timed_out.id).timed_out
+    assert _types(app, hung.id) == ["submitted", "started", "cancelled"]
+    abandoned = [r.getMessage() for r in caplog.records if "is abandoned" in r.getMessage()]
+    assert [r.levelno for r in caplog.records if "is abandoned" in r.getMessage()] == [logging.WARNING] * 2
+    assert abandoned[0].startswith(f"task {timed_out.id}: its handler runs on past its hard time limit")
+    assert abandoned[1].startswith(f"task {hung.id}: its handler runs on past its cancellation")
+
+
+async def test_a_worker_that_lost_more_threads_than_it_replaces_stops_and_its_tasks_run_elsewhere(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = threading.Event()
+
+    @app.task(name="stuck", time_limit=0.3)
+    def stuck() -> str:
+        release.wait(60)
+        return "too late"
+
+    @app.task(name="quick")
+    def quick(n: int) -> int:
+        return n
+
+    worker = Worker(app, concurrency=1, max_abandoned_threads=1, shutdown_grace=0.5)
+    amqp_cleanup.extend([worker.topology.work_queue("elsewhere"), worker.topology.ingress_queue("elsewhere")])
+    caplog.set_level(logging.ERROR, logger="broker_q.worker")
+    try:
+        async with running(app, queues=["elsewhere"]):  # the relay, and a worker for no queue of these tasks
+            lost = asyncio.create_task(worker.run(asyncio.Event()))  # nobody will ask it to stop
+            await wait_for(worker.ready.is_set, timeout=20, what="the worker to start")
+            for _ in range(2):
+                with pytest.raises(TaskFailed, match="TimeLimitExceeded"):
+                    await (await stuck.submit()).result(timeout=20)
+            after = await quick.submit(3)
+            with pytest.raises(ThreadsExhausted):
+                await asyncio.wait_for(lost, 30)
+        assert [r.levelno for r in caplog.records if "supervisor" in r.getMessage()] == [logging.ERROR]
+        async with running(app):  # the worker its supervisor starts again
+            assert await after.result(timeout=20) == 3
+    finally:
+        release.set()
+
+
+async def test_a_cancelled_task_in_the_prefetch_buffer_never_runs(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+    release = threading.Event()
+    calls: list[int] = []
+
+    @app.task(name="hold")
+    def hold() -> str:
+        calls.append(-1)
+        release.wait(60)
+        return "held"
+
+    @app.task(name="count")
+    def count(n: int) -> int:
+        calls.append(n)
+        return n
+
+    async with running(app, concurrency=1, prefetch=4) as worker:
+        try:
+            holder = await hold.submit()
+            await wait_for(lambda: calls == [-1], timeout=20, what="the first task to hold the only slot")
+            queued = [await count.submit(n) for n in range(3)]
+            await wait_for(lambda: len(worker._inflight) == 4, timeout=20,
+                           what="the three others to be delivered to the worker and wait there")
+            await asyncio.to_thread(app.cancel, queued[1].id, reason="not needed")
+        finally:
+            release.set()
+        assert await holder.result(timeout=20) == "held"
+        assert [await queued[n].result(timeout=20) for n in (0, 2)] == [0, 2]
+        with pytest.raises(TaskCancelled, match="not needed"):
+            await queued[1].result(timeout=5)
+    assert calls == [-1, 0, 2]
+    assert _types(app, queued[1].id) == ["submitted", "cancelled"]
 
 
 async def test_an_open_breaker_defers_its_tasks_without_spending_attempts(

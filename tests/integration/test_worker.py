@@ -280,6 +280,26 @@ async def test_sigterm_lets_the_running_task_finish(
     assert state.attempts == 1
 
 
+async def test_a_worker_that_lost_more_threads_than_it_replaces_exits_with_an_error_for_its_supervisor(
+    process_env: dict[str, str], processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    app = App(store=process_env["BROKER_Q_STORE"])
+    marker = tmp_path / "stuck"
+    handle = app.submit("ignores_its_limit", kwargs={"marker": str(marker)})
+    env = {**process_env, "BROKER_Q_WORKER_CONCURRENCY": "1", "BROKER_Q_WORKER_MAX_ABANDONED_THREADS": "0",
+           "BROKER_Q_SHUTDOWN_GRACE": "1"}
+    worker = broker_q(env, "run", "tests.integration.apps:app")
+    processes.append(worker)
+    # Its handler's thread never ends: the process exits anyway, with an error a supervisor acts on.
+    assert await asyncio.to_thread(worker.wait, 60) == 1
+    assert marker.read_text() == str(worker.pid)
+    state = app.get_task(handle.id)
+    assert (state.status, state.timed_out) == (TaskStatus.DEAD_LETTERED, True)
+    log = await asyncio.to_thread(Path(process_env["BROKER_Q_TEST_LOG"]).read_text)
+    assert f"task {handle.id}: its handler runs on past its hard time limit" in log
+    assert "more than 0 sync handler threads ran on past their hard time limit" in log.split("error: ")[-1]
+
+
 def test_cli_errors_are_one_line(process_env: dict[str, str]) -> None:
     for args, needle in (
         (["status", "not-a-uuid"], "is not a task id"),

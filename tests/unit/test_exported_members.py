@@ -9,6 +9,7 @@ import pytest
 EXPORTED = {
     "broker_q": [
         "App",
+        "AttemptCancelled",
         "BrokerQError",
         "BrokerUnavailable",
         "ConcurrencyConflict",
@@ -32,7 +33,18 @@ EXPORTED = {
         "TimeLimitExceeded",
         "UnknownTask",
         "ValidationError",
+        "cancelled",
     ],
+    "broker_q.limits": [
+        "AttemptCancelled",
+        "HandlerError",
+        "Isolation",
+        "SoftTimeLimitExceeded",
+        "TimeLimitExceeded",
+        "abandoned_threads",
+        "run_handler",
+    ],
+    "broker_q.threads": ["HandlerThreads", "ThreadCall", "ThreadsExhausted", "abandoned_threads", "cancelled"],
     "broker_q.domain": [
         "BreakerClosed",
         "BreakerEvent",
@@ -115,3 +127,11 @@ def test_the_root_package_re_exports_the_same_objects() -> None:
         assert getattr(root, name) is getattr(errors, name), name
     assert root.TaskState is domain.TaskState
     assert root.TaskStatus is domain.TaskStatus
+    limits = importlib.import_module("broker_q.limits")
+    threads = importlib.import_module("broker_q.threads")
+    assert root.AttemptCancelled is limits.AttemptCancelled
+    assert root.SoftTimeLimitExceeded is limits.SoftTimeLimitExceeded
+    assert root.cancelled is threads.cancelled
+    assert limits.abandoned_threads is threads.abandoned_threads
+    for error in (limits.AttemptCancelled, limits.SoftTimeLimitExceeded, threads.ThreadsExhausted):
+        assert issubclass(error, errors.BrokerQError), error

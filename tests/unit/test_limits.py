@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +14,21 @@ import pytest
 
 from broker_q.errors import SerializationError
 from broker_q.limits import (
+    AttemptCancelled,
     HandlerError,
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
     abandoned_threads,
     run_handler,
 )
+from broker_q.threads import HandlerThreads, cancelled
 
 TARGETS = "tests.unit.limits_targets"
 
 
 @pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-limits")
+def pool() -> Iterator[HandlerThreads]:
+    pool = HandlerThreads(2, spare=2, name="test-limits")
     yield pool
     pool.shutdown(wait=True)
 
@@ -49,7 +50,7 @@ def pid_exists(pid: int) -> bool:
 
 # -- async handlers ------------------------------------------------------------------------------
 
-async def test_async_soft_limit_cancels_the_handler_and_surfaces_as_soft_time_limit(pool: ThreadPoolExecutor) -> None:
+async def test_async_soft_limit_cancels_the_handler_and_surfaces_as_soft_time_limit(pool: HandlerThreads) -> None:
     seen: list[str] = []
 
     async def handler() -> None:
@@ -66,7 +67,7 @@ async def test_async_soft_limit_cancels_the_handler_and_surfaces_as_soft_time_li
 
 
 async def test_async_handler_that_catches_the_soft_cancellation_returns_its_result(
-        pool: ThreadPoolExecutor) -> None:
+        pool: HandlerThreads) -> None:
     async def handler(x: int) -> int:
         try:
             await asyncio.Event().wait()
@@ -79,7 +80,7 @@ async def test_async_handler_that_catches_the_soft_cancellation_returns_its_resu
 
 
 async def test_async_handler_swallowing_every_cancellation_times_out_within_limit_and_grace(
-        pool: ThreadPoolExecutor) -> None:
+        pool: HandlerThreads) -> None:
     release = asyncio.Event()
     cancellations = 0
     tasks: list[asyncio.Task[Any]] = []
@@ -107,7 +108,7 @@ async def test_async_handler_swallowing_every_cancellation_times_out_within_limi
     assert await tasks[0] == "released"
 
 
-async def test_cancelling_run_handler_cancels_an_async_handler(pool: ThreadPoolExecutor) -> None:
+async def test_cancelling_run_handler_cancels_an_async_handler(pool: HandlerThreads) -> None:
     running = asyncio.Event()
     cleaned_up = asyncio.Event()
 
@@ -127,7 +128,7 @@ async def test_cancelling_run_handler_cancels_an_async_handler(pool: ThreadPoolE
     assert cleaned_up.is_set()
 
 
-async def test_without_limits_handlers_just_run(pool: ThreadPoolExecutor) -> None:
+async def test_without_limits_handlers_just_run(pool: HandlerThreads) -> None:
     async def double(x: int) -> int:
         return 2 * x
 
@@ -136,12 +137,12 @@ async def test_without_limits_handlers_just_run(pool: ThreadPoolExecutor) -> Non
                              time_limit=None, pool=pool) == [3, 2, 1]
 
 
-async def test_limits_must_be_positive(pool: ThreadPoolExecutor) -> None:
+async def test_limits_must_be_positive(pool: HandlerThreads) -> None:
     with pytest.raises(ValueError, match="time_limit must be positive"):
         await run_handler(sorted, [[]], {}, is_async=False, soft_time_limit=None, time_limit=0, pool=pool)
 
 
-async def test_process_isolation_is_for_sync_handlers(pool: ThreadPoolExecutor) -> None:
+async def test_process_isolation_is_for_sync_handlers(pool: HandlerThreads) -> None:
     async def handler() -> None:
         pass
 
@@ -161,7 +162,7 @@ def busy(seconds: float) -> str:
     return "done"
 
 
-async def test_sync_soft_limit_is_raised_inside_the_handlers_thread(pool: ThreadPoolExecutor) -> None:
+async def test_sync_soft_limit_is_raised_inside_the_handlers_thread(pool: HandlerThreads) -> None:
     seen: list[str] = []
 
     def handler() -> None:
@@ -181,7 +182,7 @@ async def test_sync_soft_limit_is_raised_inside_the_handlers_thread(pool: Thread
 
 async def test_the_soft_limits_exception_never_lands_in_the_pool_after_the_handler() -> None:
     # One thread, so that a stray exception could only land in the pool's own loop or the next call.
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = HandlerThreads(1)
     try:
         outcomes = {"returned": 0, "soft": 0}
         # A soft limit reaches a busy thread about a GIL switch interval (5 ms) late: runtimes from 0 to
@@ -203,7 +204,7 @@ async def test_the_soft_limits_exception_never_lands_in_the_pool_after_the_handl
         pool.shutdown(wait=True)
 
 
-async def test_sync_hard_limit_returns_at_once_while_the_thread_runs_on(pool: ThreadPoolExecutor) -> None:
+async def test_sync_hard_limit_returns_at_once_while_the_thread_runs_on(pool: HandlerThreads) -> None:
     stop = threading.Event()
     running = threading.Event()
     finished = threading.Event()
@@ -229,47 +230,154 @@ async def test_sync_hard_limit_returns_at_once_while_the_thread_runs_on(pool: Th
     assert finished.is_set()
 
 
-async def test_cancelling_run_handler_abandons_a_sync_handlers_thread(pool: ThreadPoolExecutor) -> None:
-    stop = threading.Event()
+async def test_cancelling_run_handler_raises_attempt_cancelled_in_a_sync_handlers_thread(
+        pool: HandlerThreads) -> None:
     running = threading.Event()
+    seen: list[tuple[str, bool]] = []
+    abandons: list[str] = []
     before = abandoned_threads()
 
     def handler() -> None:
         running.set()
-        stop.wait(30)
+        try:
+            busy(30)
+        except AttemptCancelled:
+            seen.append((threading.current_thread().name, cancelled()))
+            raise
 
-    call = asyncio.ensure_future(
-        run_handler(handler, [], {}, is_async=False, soft_time_limit=None, time_limit=None, pool=pool))
+    call = asyncio.ensure_future(run_handler(handler, [], {}, is_async=False, soft_time_limit=None, time_limit=None,
+                                             pool=pool, grace=10, on_abandon=abandons.append))
+    await until(running.is_set)
+    started = time.monotonic()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert time.monotonic() - started < 5  # it stopped well within its grace, at a bytecode boundary
+    assert len(seen) == 1
+    assert seen[0][0].startswith("test-limits")
+    assert seen[0][1]  # cancelled() agrees
+    assert (abandons, abandoned_threads(), pool.abandoned) == ([], before, 0)  # it returned: nothing abandoned
+
+
+async def test_a_sync_handler_that_swallows_the_cancellation_sees_it_with_cancelled(pool: HandlerThreads) -> None:
+    running = threading.Event()
+    swallowed: list[str] = []
+
+    def handler() -> str:
+        assert not cancelled()
+        running.set()
+        while not cancelled():
+            try:
+                busy(0.01)
+            except Exception as e:  # a broad except, as real loops have: it swallows AttemptCancelled
+                swallowed.append(type(e).__name__)
+        return "stopped"
+
+    call = asyncio.ensure_future(run_handler(handler, [], {}, is_async=False, soft_time_limit=None, time_limit=None,
+                                             pool=pool, grace=10))
+    await until(running.is_set)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert swallowed == ["AttemptCancelled"]
+    assert pool.abandoned == 0
+    assert not cancelled()  # outside a handler
+
+
+async def test_a_sync_handler_that_ignores_its_cancellation_is_abandoned_after_its_grace(
+        pool: HandlerThreads) -> None:
+    stop = threading.Event()
+    running = threading.Event()
+    abandons: list[str] = []
+    before = abandoned_threads()
+
+    def handler() -> None:
+        running.set()
+        stop.wait(30)  # in C: the exception waits for it to return
+
+    call = asyncio.ensure_future(run_handler(handler, [], {}, is_async=False, soft_time_limit=None, time_limit=None,
+                                             pool=pool, grace=0.2, on_abandon=abandons.append))
     try:
         await until(running.is_set)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        assert abandoned_threads() == before + 1
+        assert abandons == ["cancellation"]
+        assert (abandoned_threads(), pool.abandoned) == (before + 1, 1)
+        # Its thread was replaced: two handlers still run at once
+        both = threading.Barrier(3)
+        runs = [asyncio.ensure_future(run_handler(both.wait, [10], {}, is_async=False, soft_time_limit=None,
+                                                  time_limit=None, pool=pool)) for _ in range(2)]
+        await asyncio.to_thread(both.wait, 10)
+        await asyncio.gather(*runs)
     finally:
         stop.set()
-    await until(lambda: abandoned_threads() == before)
+    await until(lambda: abandoned_threads() == before and pool.abandoned == 0)
+
+
+async def test_the_hard_limit_abandons_the_thread_and_tells_the_handler_through_cancelled(
+        pool: HandlerThreads) -> None:
+    noticed = threading.Event()
+    abandons: list[str] = []
+
+    def handler() -> None:
+        while not cancelled():
+            time.sleep(0.01)  # the hard limit raises nothing: only cancelled() tells
+        noticed.set()
+
+    with pytest.raises(TimeLimitExceeded):
+        await run_handler(handler, [], {}, is_async=False, soft_time_limit=None, time_limit=0.2, pool=pool,
+                          on_abandon=abandons.append)
+    assert abandons == ["hard time limit"]
+    await until(noticed.is_set)
+    await until(lambda: pool.abandoned == 0)
+
+
+async def test_the_cancellations_exception_never_lands_in_the_pool_after_the_handler() -> None:
+    # As for the soft limit: cancellations from just before to just after the handler's end.
+    pool = HandlerThreads(1)
+    before = abandoned_threads()
+    try:
+        outcomes = {"returned": 0, "cancelled": 0}
+        for i in range(200):
+            call = asyncio.ensure_future(run_handler(busy, [i % 16 * 0.002], {}, is_async=False,
+                                                     soft_time_limit=None, time_limit=10 if i % 2 else None,
+                                                     pool=pool))
+            await asyncio.sleep(0.01)
+            call.cancel()
+            try:
+                await call
+                outcomes["returned"] += 1
+            except asyncio.CancelledError:
+                outcomes["cancelled"] += 1
+        assert outcomes["returned"] > 0
+        assert outcomes["cancelled"] > 0
+        assert (abandoned_threads(), pool.abandoned) == (before, 0)
+        for _ in range(20):
+            assert pool.submit(busy, 0.01).result(timeout=10) == "done"
+    finally:
+        pool.shutdown(wait=True)
 
 
 # -- sync handlers in a child process ------------------------------------------------------------
 
 async def in_process(attribute: str, args: list[Any], *, soft: float | None = None, hard: float | None = None,
-                     pool: ThreadPoolExecutor) -> Any:
+                     pool: HandlerThreads) -> Any:
     return await run_handler(pytest.fail, args, {}, is_async=False, soft_time_limit=soft, time_limit=hard, pool=pool,
                              isolation="process", target=(TARGETS, attribute))
 
 
-async def test_process_returns_the_result(pool: ThreadPoolExecutor) -> None:
+async def test_process_returns_the_result(pool: HandlerThreads) -> None:
     assert await in_process("add", [2, 3], pool=pool) == 5
     assert await in_process("nested.holder", [4, 5], hard=30, pool=pool) == 9
 
 
-async def test_the_child_calls_the_handler_with_its_arguments_validated(pool: ThreadPoolExecutor) -> None:
+async def test_the_child_calls_the_handler_with_its_arguments_validated(pool: HandlerThreads) -> None:
     # As a handler in a thread is called by the worker: "2" for an ``int`` parameter arrives as 2.
     assert await in_process("add", ["2", 3], pool=pool) == 5
 
 
-async def test_process_reports_the_handlers_exception(pool: ThreadPoolExecutor) -> None:
+async def test_process_reports_the_handlers_exception(pool: HandlerThreads) -> None:
     with pytest.raises(HandlerError) as raised:
         await in_process("fail", [7], pool=pool)
     error = raised.value
@@ -280,7 +388,7 @@ async def test_process_reports_the_handlers_exception(pool: ThreadPoolExecutor) 
     assert any(error.traceback.rstrip() in note for note in error.__notes__)
 
 
-async def test_process_hard_limit_kills_the_child(pool: ThreadPoolExecutor, tmp_path: Path) -> None:
+async def test_process_hard_limit_kills_the_child(pool: HandlerThreads, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     started = time.monotonic()
     with pytest.raises(TimeLimitExceeded):
@@ -290,13 +398,13 @@ async def test_process_hard_limit_kills_the_child(pool: ThreadPoolExecutor, tmp_
     await until(lambda: not pid_exists(pid))
 
 
-async def test_a_child_that_exits_by_itself_is_a_lost_worker(pool: ThreadPoolExecutor) -> None:
+async def test_a_child_that_exits_by_itself_is_a_lost_worker(pool: HandlerThreads) -> None:
     with pytest.raises(HandlerError, match="exited with code 3") as raised:
         await in_process("exit_abruptly", [3], hard=30, pool=pool)
     assert raised.value.error_type == "WorkerLost"
 
 
-async def test_process_soft_limit_is_raised_in_the_child(pool: ThreadPoolExecutor) -> None:
+async def test_process_soft_limit_is_raised_in_the_child(pool: HandlerThreads) -> None:
     started = time.monotonic()
     with pytest.raises(SoftTimeLimitExceeded) as raised:
         await in_process("sleep_forever", [os.devnull], soft=0.5, hard=30, pool=pool)
@@ -305,7 +413,7 @@ async def test_process_soft_limit_is_raised_in_the_child(pool: ThreadPoolExecuto
     assert await in_process("sleep_then_clean_up", [60], soft=0.5, hard=30, pool=pool) == "cleaned up"
 
 
-async def test_cancelling_run_handler_kills_the_child(pool: ThreadPoolExecutor, tmp_path: Path) -> None:
+async def test_cancelling_run_handler_kills_the_child(pool: HandlerThreads, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     call = asyncio.ensure_future(in_process("sleep_forever", [str(pid_file)], pool=pool))
     await until(lambda: pid_file.exists() and pid_file.read_text() != "")
@@ -316,6 +424,6 @@ async def test_cancelling_run_handler_kills_the_child(pool: ThreadPoolExecutor, 
     await until(lambda: not pid_exists(pid))
 
 
-async def test_arguments_that_are_not_json_are_refused_before_a_child_starts(pool: ThreadPoolExecutor) -> None:
+async def test_arguments_that_are_not_json_are_refused_before_a_child_starts(pool: HandlerThreads) -> None:
     with pytest.raises(SerializationError):
         await in_process("add", [object(), 1], pool=pool)
