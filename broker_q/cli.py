@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from broker_q.amqp.topology import Topology
@@ -84,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-attempts", type=_positive_int, help="attempts in all, overriding the task's own")
     sub.add_argument("--time-limit", type=float, help="hard time limit in seconds, overriding the task's own")
     sub.add_argument("--soft-time-limit", type=float, help="soft time limit in seconds, overriding the task's own")
+    sub.add_argument("--eta", type=_aware_time, help="not before this time (ISO 8601 with a UTC offset)")
+    sub.add_argument("--countdown", type=float, help="not before this many seconds from now")
+    sub.add_argument("--depends-on", action="append", default=[], metavar="ID",
+                     help="a task that must succeed first (repeat for several)")
     sub.add_argument("--wait", action="store_true", help="wait for the outcome and print the result as JSON")
     sub.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
 
@@ -152,13 +157,24 @@ def _json_arg(text: str, kind: type, name: str) -> Any:
     return value
 
 
+def _aware_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (write e.g. {text}+00:00)")
+    return value
+
+
 def _submit(options: argparse.Namespace) -> int:
     app = _app(options)
     args = _json_arg(options.args, list, "--args")
     kwargs = _json_arg(options.kwargs, dict, "--kwargs")
     handle = app.submit(options.task, args, kwargs, queue=options.queue, priority=options.priority,
                         idempotency_key=options.idempotency_key, max_attempts=options.max_attempts,
-                        time_limit=options.time_limit, soft_time_limit=options.soft_time_limit)
+                        time_limit=options.time_limit, soft_time_limit=options.soft_time_limit,
+                        eta=options.eta, countdown=options.countdown, depends_on=options.depends_on)
     print(handle.id, flush=True)
     if options.wait:
         print(json.dumps(handle.wait(timeout=options.timeout)))

@@ -13,7 +13,7 @@ import json
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from broker_q.domain.task import MAX_PRIORITY
 
@@ -40,6 +40,15 @@ class TaskEnvelope(BaseModel):
     )
     tenant: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_\-]{0,62}$")
     correlation_id: uuid.UUID | None = Field(default=None, description="Shared by all tasks of one request.")
+    eta: AwareDatetime | None = Field(
+        default=None, description="Not to start before this time: ISO 8601 with a UTC offset, e.g. "
+        "'2026-12-04T09:00:00+00:00'. The task is blocked until then.")
+    countdown: float | None = Field(default=None, ge=0, le=366 * 86400,
+                                    description="Not to start before this many seconds from now (not with eta).")
+    depends_on: list[uuid.UUID] = Field(
+        default_factory=list, max_length=10_000,
+        description="Ids of tasks that must all succeed first; if one fails for good (or does not exist), "
+        "this task is cancelled with the reason upstream_failed.")
 
 
 class WorkMessage(BaseModel):

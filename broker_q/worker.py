@@ -72,7 +72,7 @@ from broker_q.domain.task import (
     succeeded_event,
     task_id_for,
 )
-from broker_q.errors import ConcurrencyConflict, SerializationError, StoreUnavailable, ValidationError
+from broker_q.errors import ConcurrencyConflict, DomainError, SerializationError, StoreUnavailable, ValidationError
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
@@ -535,12 +535,21 @@ class Worker:
         definition.check_arguments(envelope.args, envelope.kwargs)
         tenant = envelope.tenant or self.app.settings.tenant
         key = envelope.idempotency_key or message.message_id
-        return submit(
-            task_id=task_id_for(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
-            kwargs=envelope.kwargs, priority=definition.priority if envelope.priority is None else envelope.priority,
-            tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=_now(),
-            correlation_id=envelope.correlation_id, idempotency_key=key,
-        )
+        now = _now()
+        if envelope.eta is not None and envelope.countdown is not None:
+            raise ValidationError("invalid task envelope: give eta or countdown, not both")
+        due_at = now + timedelta(seconds=envelope.countdown) if envelope.countdown is not None else envelope.eta
+        priority = definition.priority if envelope.priority is None else envelope.priority
+        try:
+            return submit(
+                task_id=task_id_for(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
+                kwargs=envelope.kwargs, priority=priority,
+                tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=now,
+                correlation_id=envelope.correlation_id, idempotency_key=key,
+                due_at=None if due_at is None else due_at.astimezone(UTC), depends_on=envelope.depends_on,
+            )
+        except DomainError as e:
+            raise ValidationError(str(e)) from e
 
     async def _on_unrouted(self, message: AbstractIncomingMessage) -> None:
         await self._refuse(message, f"no queue serves routing key {message.routing_key!r}",

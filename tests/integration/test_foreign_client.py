@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from broker_q import App
+from broker_q import App, TaskCancelled
 from broker_q.domain.events import Event, IngressRejected, TaskStarted, TaskSubmitted
 from tests.helpers import running, wait_for
 
@@ -159,6 +159,12 @@ REFUSED: dict[str, tuple[bytes, str | None, tuple[str, ...]]] = {
                     ("colour", "not permitted")),
     "pickle-content-type": (b'{"task": "add", "args": [1, 2]}', "application/x-python-serialize",
                             ("content type", "application/x-python-serialize")),
+    "naive-eta": (b'{"task": "add", "args": [1, 2], "eta": "2030-01-01T00:00:00"}', "application/json",
+                  ("eta", "timezone")),
+    "eta-and-countdown": (b'{"task": "add", "args": [1, 2], "eta": "2030-01-01T00:00:00+00:00", "countdown": 5}',
+                          "application/json", ("eta or countdown, not both",)),
+    "negative-countdown": (b'{"task": "add", "args": [1, 2], "countdown": -1}', "application/json",
+                           ("countdown", "greater than or equal to 0")),
     "over-the-limit": (json.dumps({"task": "add", "args": ["x" * MAX_MESSAGE_BYTES, 1]}).encode(),
                        "application/json", ("over the limit", str(MAX_MESSAGE_BYTES))),
 }
@@ -303,3 +309,23 @@ async def test_a_foreign_consumer_follows_a_task_on_the_events_exchange(
                                                        "broker_q.task.succeeded"]
     assert received[0][1]["data"]["args"] == [1, 2]
     assert received[2][1]["data"]["result"] == 3
+
+
+async def test_an_envelope_with_a_countdown_and_a_parent_waits_for_both(
+    app: App, channel: AbstractChannel, namespace: str
+) -> None:
+    async with running(app):
+        first = await submitted(app, await publish(channel, namespace, {"task": "add", "args": [1, 2]}))
+        later = await submitted(app, await publish(channel, namespace, {
+            "task": "add", "args": [3, 4], "countdown": 0.5, "depends_on": [str(first.stream_id)]}))
+        assert later.depends_on == [first.stream_id]
+        assert later.due_at is not None
+        assert (later.due_at - later.timestamp).total_seconds() == pytest.approx(0.5, abs=0.01)
+        assert await app.handle(later.stream_id).result(timeout=10) == 7
+        started = app.history(later.stream_id)[2]
+        assert started.TYPE == "started"
+        assert started.timestamp >= later.due_at
+        orphan = await submitted(app, await publish(channel, namespace, {
+            "task": "add", "args": [1, 1], "depends_on": [str(uuid.uuid4())]}))
+        with pytest.raises(TaskCancelled, match="does not exist"):
+            await app.handle(orphan.stream_id).result(timeout=10)

@@ -190,3 +190,37 @@ def _id_of(app: App, key: str) -> Any:
     from broker_q.domain.task import task_id_for
 
     return task_id_for(app.settings.tenant, key)
+
+
+def test_the_command_line_submits_with_a_countdown_an_eta_and_parents(sqlite_url: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "broker_q.cli", "--store", sqlite_url, "submit", *args],
+                              cwd=root, capture_output=True, text=True, timeout=60)
+
+    parent = cli("t.any", "--countdown", "30")
+    assert parent.returncode == 0, parent.stderr
+    parent_id = parent.stdout.strip()
+    child = cli("t.any", "--eta", "2099-01-01T00:00:00+01:00", "--depends-on", parent_id)
+    assert child.returncode == 0, child.stderr
+    app = App(store=sqlite_url)
+    first = app.history(parent_id)[0]
+    second = app.history(child.stdout.strip())[0]
+    assert isinstance(first, TaskSubmitted)
+    assert isinstance(second, TaskSubmitted)
+    assert first.due_at is not None
+    assert 29 < (first.due_at - first.timestamp).total_seconds() <= 30
+    assert second.due_at == datetime(2098, 12, 31, 23, tzinfo=UTC)
+    assert second.depends_on == [first.stream_id]
+    assert app.get_task(second.stream_id).status is TaskStatus.BLOCKED
+    naive = cli("t.any", "--eta", "2099-01-01T00:00:00")
+    assert naive.returncode == 2
+    assert "no UTC offset" in naive.stderr
+    unknown = cli("t.any", "--depends-on", "5c0f2a9e-1d3b-4e6f-8a7c-9b0d1e2f3a4b")
+    assert unknown.returncode == 1
+    assert "no task with id" in unknown.stderr
