@@ -238,8 +238,9 @@ async def test_a_schedule_every_second_runs_real_tasks_with_three_schedulers(
     assert len(ran) == len(fires) == sum(s.fired for s in schedulers)
     assert {app.get_task(f.task_id).status for f in fires} == {TaskStatus.SUCCEEDED}
     assert len(submitted(app.store)) == len(fires)
-    # Fired on time: decided within a second of the tick.
-    assert all((f.timestamp - f.fire_time) < timedelta(seconds=1) for f in fires)
+    # On time: decided a few milliseconds after the tick when the machine is idle; bounded loosely here
+    # because CI shares two cores.
+    assert all(timedelta(0) <= (f.timestamp - f.fire_time) < timedelta(seconds=3) for f in fires)
 
 
 # -- the commands ---------------------------------------------------------------------------------
