@@ -26,6 +26,7 @@ from broker_q.codec import check_json
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
 from broker_q.domain.retry import RetryPolicy
+from broker_q.domain.schedule import ScheduleState, define
 from broker_q.domain.task import (
     TaskState,
     TaskStatus,
@@ -44,9 +45,11 @@ from broker_q.errors import (
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
+    UnknownTask,
     ValidationError,
 )
 from broker_q.middleware import Middleware
+from broker_q.schedules import Schedules
 from broker_q.settings import Settings
 from broker_q.store.eventsourcing import open_store
 from broker_q.store.port import EventStore
@@ -420,6 +423,60 @@ class App:
 
     def handle(self, task_id: uuid.UUID | str) -> TaskHandle[Any]:
         return TaskHandle(self, _as_uuid(task_id))
+
+    # -- schedules ----------------------------------------------------------------------------
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        cron: str,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        timezone: str = "UTC",
+        catchup: str = "skip",
+        tenant: str | None = None,
+        actor: str | None = None,
+    ) -> ScheduleState:
+        """Create the cron schedule ``name`` or change it to this definition; the same definition
+        appends nothing, so it is safe to call at every start.
+
+        ``cron`` has five fields, or six with seconds last; it is read in ``timezone`` (an IANA name).
+        ``catchup`` says what happens to ticks missed while no scheduler ran or the schedule was
+        paused: ``skip`` them, fire the latest ``once``, or fire ``all`` (at most 1,000). Each fire
+        submits ``task`` with these arguments, as a task whose id is derived from the schedule and
+        the tick, so that any number of schedulers fire each tick once (``broker-q scheduler``).
+        Raises :class:`~broker_q.errors.ValidationError` for a bad definition and
+        :class:`~broker_q.errors.UnknownTask` for a task this app does not register (when it
+        registers any).
+        """
+        definition = self._tasks.get(task)
+        if definition is None and self._tasks:
+            raise UnknownTask(f"no task named {task!r} is registered in this app; it registers "
+                              f"{', '.join(sorted(self._tasks))}")
+        args_list, kwargs_dict = list(args), dict(kwargs or {})
+        if definition is not None:
+            definition.check_arguments(args_list, kwargs_dict)
+        check_json(args_list, "args")
+        check_json(kwargs_dict, "kwargs")
+        schedules = self.schedules if tenant is None else Schedules(self.store, tenant=tenant, actor=self.actor)
+        checked = define(
+            cron=cron, task=task, args=args_list, kwargs=kwargs_dict, timezone=timezone, catchup=catchup,
+            queue=queue or (definition.queue if definition else self.settings.default_queue),
+            priority=priority if priority is not None else (
+                definition.priority if definition else self.settings.default_priority),
+            tenant=schedules.tenant, now=utcnow(),
+        )
+        return schedules.save(name, checked, actor=actor)
+
+    @property
+    def schedules(self) -> Schedules:
+        """This app's tenant's schedules, as the store holds them: ``pause``, ``resume``, ``remove``,
+        ``list``, ``next``, ``get``, ``history``."""
+        return Schedules(self.store, tenant=self.settings.tenant, actor=self.actor)
 
 
 TaskRef: TypeAlias = "uuid.UUID | str | TaskHandle[Any]"

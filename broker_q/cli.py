@@ -20,6 +20,7 @@ from broker_q.codec import loads
 from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, ValidationError
 from broker_q.relay import Relay
 from broker_q.rendering import history_row, status_view
+from broker_q.scheduler import Scheduler
 from broker_q.worker import Worker
 
 __all__ = ["main"]
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, fn, text in (
         ("worker", _worker, "consume queues and run the app's task handlers"),
-        ("run", _run, "run the relay and a worker in one process: the main job"),
+        ("run", _run, "run the relay, a worker and a scheduler in one process: the main job"),
     ):
         sub = command(name, fn, text)
         sub.add_argument("app", metavar="MODULE:APP", help="where the App is, e.g. myproject.tasks:app")
@@ -105,12 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
     from broker_q.breakers import add_commands as add_breaker_commands
+    from broker_q.schedules import add_commands as add_schedule_commands
     from projections.cli import add_commands
     from projections.commands import add_view_commands
 
     add_commands(commands)
     add_view_commands(commands, _serve)
     add_breaker_commands(commands)
+    add_schedule_commands(commands, _serve)
     return parser
 
 
@@ -232,7 +235,7 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop)]
+        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop), Scheduler(app.store).run(stop)]
         if not options.no_projections:
             from projections.commands import run_projections
 

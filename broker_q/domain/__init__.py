@@ -1,4 +1,4 @@
-"""The domain of broker_q: events, the task state machine, retry policies and circuit breakers.
+"""The domain of broker_q: events, the task state machine, retry policies, circuit breakers and schedules.
 It performs no I/O and reads no clock."""
 
 from broker_q.domain.events import (
@@ -10,6 +10,14 @@ from broker_q.domain.events import (
     BreakerProbeStarted,
     Event,
     IngressRejected,
+    ScheduleChanged,
+    ScheduleCreated,
+    ScheduleEvent,
+    ScheduleFired,
+    ScheduleIndexed,
+    SchedulePaused,
+    ScheduleRemoved,
+    ScheduleResumed,
     TaskCancelled,
     TaskDeadLettered,
     TaskDeferred,
@@ -34,6 +42,14 @@ __all__ = [
     "BreakerProbeStarted",
     "Event",
     "IngressRejected",
+    "ScheduleChanged",
+    "ScheduleCreated",
+    "ScheduleEvent",
+    "ScheduleFired",
+    "ScheduleIndexed",
+    "SchedulePaused",
+    "ScheduleRemoved",
+    "ScheduleResumed",
     "TaskCancelled",
     "TaskDeadLettered",
     "TaskDeferred",

@@ -34,6 +34,15 @@ __all__ = [
     "BreakerProbeStarted",
     "Event",
     "IngressRejected",
+    "ScheduleChanged",
+    "ScheduleCreated",
+    "ScheduleDefined",
+    "ScheduleEvent",
+    "ScheduleFired",
+    "ScheduleIndexed",
+    "SchedulePaused",
+    "ScheduleRemoved",
+    "ScheduleResumed",
     "TaskCancelled",
     "TaskDeadLettered",
     "TaskDeferred",
@@ -286,10 +295,112 @@ class BreakerClosed(BreakerEvent):
     forced: bool = False
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleEvent(Event):
+    """An event of a cron schedule's stream: one stream per schedule, ``uuid5`` of its tenant and name."""
+
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleDefined(ScheduleEvent):
+    """What a schedule runs and when: the whole definition, as created or as changed."""
+
+    cron: str
+    """A croniter expression: five fields, or six with seconds last."""
+    task: str
+    queue: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int = 5
+    timezone: str = "UTC"
+    """The IANA zone the cron expression is read in (``Europe/Paris``)."""
+    catchup: str = "skip"
+    """What happens to ticks that did not fire on time: ``skip``, ``once`` or ``all``."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleCreated(ScheduleDefined):
+    """A schedule was created (or created again after its removal): it fires from now on."""
+
+    TOPIC = "broker_q.schedule.created"
+    TYPE = "schedule_created"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleChanged(ScheduleDefined):
+    """A schedule's definition was replaced by this one."""
+
+    TOPIC = "broker_q.schedule.changed"
+    TYPE = "schedule_changed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SchedulePaused(ScheduleEvent):
+    """The schedule fires no more until it is resumed."""
+
+    TOPIC = "broker_q.schedule.paused"
+    TYPE = "schedule_paused"
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleResumed(ScheduleEvent):
+    """The schedule fires again; its ``catchup`` decides what happens to the ticks it missed."""
+
+    TOPIC = "broker_q.schedule.resumed"
+    TYPE = "schedule_resumed"
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleRemoved(ScheduleEvent):
+    """The schedule fires no more; its name may be used for a new schedule (its stream goes on)."""
+
+    TOPIC = "broker_q.schedule.removed"
+    TYPE = "schedule_removed"
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleFired(ScheduleEvent):
+    """The tick at ``fire_time`` fired: the task ``task_id`` was submitted in the same transaction."""
+
+    TOPIC = "broker_q.schedule.fired"
+    TYPE = "schedule_fired"
+
+    fire_time: datetime
+    task_id: uuid.UUID
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleIndexed(Event):
+    """An entry of the schedule index, the one stream that names every schedule of every tenant.
+
+    Appended with each change of a schedule's definition or status (not with its fires), so that a
+    scheduler learns of every schedule and every change by reading one stream from where it stopped.
+    """
+
+    TOPIC = "broker_q.schedule.indexed"
+    TYPE = "schedule_indexed"
+
+    schedule_id: uuid.UUID
+    schedule_tenant: str
+    name: str
+    schedule_version: int
+    change: str
+    """The ``TYPE`` of the schedule's event at ``schedule_version``."""
+
+
 TOPICS: dict[str, type[Event]] = {
     cls.TOPIC: cls
     for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskRetryScheduled, TaskDeadLettered, TaskDeferred,
                 TaskReplayed, TaskCancelled, TaskReleased, IngressRejected, BreakerFailureRecorded, BreakerOpened,
-                BreakerProbeStarted, BreakerClosed)
+                BreakerProbeStarted, BreakerClosed,
+                ScheduleCreated, ScheduleChanged, SchedulePaused, ScheduleResumed, ScheduleRemoved, ScheduleFired,
+                ScheduleIndexed)
 }
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

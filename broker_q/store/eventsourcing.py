@@ -238,9 +238,10 @@ class RecorderEventStore:
             results[index] = positions[offset:offset + len(group)]
             offset += len(group)
 
-    def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None) -> list[Event]:
+    def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None,
+                    after_version: int | None = None) -> list[Event]:
         with _translated():
-            stored = self._recorder.select_events(stream_id, lte=to_version)
+            stored = self._recorder.select_events(stream_id, gt=after_version, lte=to_version)
         return [decode_event(s.originator_id, s.originator_version, s.topic, s.state) for s in stored]
 
     def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:

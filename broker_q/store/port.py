@@ -56,8 +56,12 @@ class EventStore(Protocol):
         """
         ...
 
-    def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None) -> list[Event]:
-        """The events of one stream in version order (up to ``to_version`` if given)."""
+    def read_stream(self, stream_id: uuid.UUID, *, to_version: int | None = None,
+                    after_version: int | None = None) -> list[Event]:
+        """The events of one stream in version order (after ``after_version`` and up to ``to_version`` if given).
+
+        ``after_version`` lets a reader that holds a stream's state read only what was appended since.
+        """
         ...
 
     def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:

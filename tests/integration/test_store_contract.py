@@ -180,6 +180,18 @@ def test_read_stream_is_in_version_order_up_to_to_version(store: EventStore) -> 
     assert store.read_stream(stream, to_version=99) == mine
 
 
+def test_read_stream_after_version_reads_only_what_follows(store: EventStore) -> None:
+    stream = uuid.uuid4()
+    mine = [event(stream, v) for v in range(1, 6)]
+    store.append([mine[0], *stream_of(1, 2)])
+    store.append(mine[1:5])
+    assert store.read_stream(stream, after_version=0) == mine
+    assert store.read_stream(stream, after_version=2) == mine[2:]
+    assert store.read_stream(stream, after_version=5) == []
+    assert store.read_stream(stream, after_version=2, to_version=4) == mine[2:4]
+    assert store.read_stream(uuid.uuid4(), after_version=3) == []
+
+
 def _fill(store: EventStore, batches: int = 6) -> list[int]:
     positions: list[int] = []
     for i in range(batches):

@@ -19,8 +19,8 @@ from broker_q.codec import check_json, decode_event, dumps, encode_event, loads,
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
-CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id", "due_at", "until", "task_id",
-                       "depends_on"})
+CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id", "due_at", "until", "task_id", "fire_time",
+                       "schedule_id", "depends_on"})
 """The only fields the codec converts from JSON (see ``broker_q/codec.py``)."""
 COLUMNS = frozenset({"stream_id", "version"})
 """Stored as columns of the store, not in the JSON."""
@@ -67,6 +67,15 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "forced": st.booleans(),
     "service": st.text(),
     "task_id": st.uuids(),
+    "name": st.text(),
+    "cron": st.text(),
+    "timezone": st.text(),
+    "catchup": st.sampled_from(["skip", "once", "all"]),
+    "fire_time": st.datetimes(timezones=st.just(UTC)),
+    "schedule_id": st.uuids(),
+    "schedule_tenant": st.text(),
+    "schedule_version": st.integers(1, 2**31),
+    "change": st.text(),
 }
 
 
@@ -85,7 +94,7 @@ def test_every_field_of_every_event_class_has_a_strategy() -> None:
 
 
 def test_every_topic_names_its_own_class() -> None:
-    assert len(TOPICS) == 14
+    assert len(TOPICS) == 21
     for topic, cls in TOPICS.items():
         assert topic == cls.TOPIC
     assert len({cls.TYPE for cls in TOPICS.values()}) == len(TOPICS)

@@ -241,7 +241,8 @@ def test_events_refuses_bad_arguments_before_reading(store: EventStore) -> None:
 def test_every_type_can_be_filtered() -> None:
     assert {"submitted", "started", "succeeded", "retry_scheduled", "dead_lettered", "deferred", "replayed", "released",
             "cancelled", "ingress_rejected", "breaker_failure", "breaker_opened", "breaker_probe",
-            "breaker_closed"} == EVENT_TYPES
+            "breaker_closed", "schedule_created", "schedule_changed", "schedule_paused", "schedule_resumed",
+            "schedule_removed", "schedule_fired", "schedule_indexed"} == EVENT_TYPES
 
 
 def test_a_scan_until_a_time_stops_past_the_skew_allowance(store: EventStore) -> None:
