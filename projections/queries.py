@@ -73,7 +73,9 @@ def _query(database: ViewDatabase, view: str, work: Callable[[Cursor, int], T]) 
     """Run ``work(cursor, live generation)`` in one read transaction.
 
     A rebuild may drop the tables of a generation that a query has just looked up (PostgreSQL reads
-    the catalog afresh at each statement): the query then runs again on the new generation.
+    the catalog afresh at each statement): the query then runs again on the new generation. On
+    PostgreSQL the drop can also deadlock with a query that holds one of the tables and waits for
+    another (the server then aborts one of the two): the query runs again too.
     """
     for attempt in range(3):
         try:
@@ -83,7 +85,7 @@ def _query(database: ViewDatabase, view: str, work: Callable[[Cursor, int], T]) 
             text = str(e)
             if REGISTRY in text:
                 raise ValidationError(_NEVER_BUILT) from None
-            if attempt == 2 or not ("no such table" in text or "does not exist" in text):
+            if attempt == 2 or not ("no such table" in text or "does not exist" in text or "deadlock" in text):
                 raise
     raise AssertionError("unreachable")
 

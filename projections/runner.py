@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from broker_q.errors import StoreUnavailable
 from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
 from projections.database import Cursor, ViewDatabase
@@ -227,8 +228,15 @@ class ProjectionRunner:
             # Dropped in a transaction of its own, after the swap committed: a query that looked up the
             # old generation just before the swap finishes first, and one that finds its tables gone
             # runs again on the new generation (queries._query).
-            with self.database.transaction() as cursor:
-                self._drop(cursor, view, replaced)
+            for attempt in range(5):
+                try:
+                    with self.database.transaction() as cursor:
+                        self._drop(cursor, view, replaced)
+                    break
+                except StoreUnavailable as e:
+                    # PostgreSQL aborts one side of a deadlock with a query holding some of the tables.
+                    if attempt == 4 or "deadlock" not in str(e):
+                        raise
             if progress is not None:
                 progress(position, max(head, position))
             return applied

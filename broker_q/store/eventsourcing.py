@@ -124,7 +124,10 @@ def _setting_up(env: dict[str, str]) -> Iterator[None]:
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             yield  # the lock goes with the connection
     except psycopg.OperationalError as e:
-        raise StoreUnavailable(f"cannot reach PostgreSQL at {env['POSTGRES_HOST']}:{env['POSTGRES_PORT']}: {e}") from e
+        raise StoreUnavailable(
+            f"event store unavailable: cannot reach PostgreSQL at {env['POSTGRES_HOST']}:{env['POSTGRES_PORT']}: "
+            + " ".join(str(e).split())  # one line: the driver's message spans several
+        ) from e
 
 
 @contextmanager

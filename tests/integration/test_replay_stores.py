@@ -230,12 +230,12 @@ def test_state_counts_as_of_a_position_and_a_time(recorded: tuple[str, Story, li
     document = json.loads(out)
     assert document["as_of"] == {"time": None, "position": positions[5]}
     assert document["queues"] == [
-        {"tenant": "acme", "queue": "default", "ready": 1, "started": 1, "retry_scheduled": 0, "deferred": 0,
-         "succeeded": 0, "dead_lettered": 0, "cancelled": 0, "total": 2},
-        {"tenant": "acme", "queue": "mail", "ready": 0, "started": 1, "retry_scheduled": 0, "deferred": 0,
-         "succeeded": 0, "dead_lettered": 0, "cancelled": 0, "total": 1},
-        {"tenant": "globex", "queue": "default", "ready": 1, "started": 0, "retry_scheduled": 0, "deferred": 0,
-         "succeeded": 0, "dead_lettered": 0, "cancelled": 0, "total": 1},
+        {"tenant": "acme", "queue": "default", "blocked": 0, "ready": 1, "started": 1,
+         "retry_scheduled": 0, "deferred": 0, "succeeded": 0, "dead_lettered": 0, "cancelled": 0, "total": 2},
+        {"tenant": "acme", "queue": "mail", "blocked": 0, "ready": 0, "started": 1,
+         "retry_scheduled": 0, "deferred": 0, "succeeded": 0, "dead_lettered": 0, "cancelled": 0, "total": 1},
+        {"tenant": "globex", "queue": "default", "blocked": 0, "ready": 1, "started": 0,
+         "retry_scheduled": 0, "deferred": 0, "succeeded": 0, "dead_lettered": 0, "cancelled": 0, "total": 1},
     ]
 
     at = story.now.isoformat()
@@ -244,7 +244,7 @@ def test_state_counts_as_of_a_position_and_a_time(recorded: tuple[str, Story, li
     lines = out.splitlines()
     assert lines[0] == f"as of {story.now.isoformat(timespec='milliseconds')}"
     assert lines[1].split() == ["TENANT", "QUEUE", *(s.value.upper() for s in TaskStatus), "TOTAL"]
-    assert lines[2].split() == ["acme", "default", "0", "1", "0", "0", "1", "0", "0", "2"]
+    assert lines[2].split() == ["acme", "default", "0", "0", "1", "0", "0", "1", "0", "0", "2"]
     assert len(lines) == 3
 
     code, out, _ = run(["--store", url, "state", "--position", "0"], capsys)

@@ -88,11 +88,11 @@ def told(sqlite_url: str) -> Told:
 
 def test_queues_as_a_table_and_as_json(told: Told) -> None:
     lines = ok(told.url, "queues").splitlines()
-    assert lines[0].split() == ["tenant", "queue", "ready", "started", "retry_scheduled", "deferred", "succeeded",
-                                "dead_lettered", "cancelled", "oldest", "waiting"]
-    rows = {tuple(line.split()[:2]): line.split()[2:9] for line in lines[1:]}
-    assert rows == {("acme", "default"): ["2", "1", "0", "0", "1", "1", "0"],
-                    ("globex", "mail"): ["0", "0", "0", "0", "0", "1", "1"]}
+    assert lines[0].split() == ["tenant", "queue", "blocked", "ready", "started", "retry_scheduled", "deferred",
+                                "succeeded", "dead_lettered", "cancelled", "oldest", "waiting"]
+    rows = {tuple(line.split()[:2]): line.split()[2:10] for line in lines[1:]}
+    assert rows == {("acme", "default"): ["0", "2", "1", "0", "0", "1", "1", "0"],
+                    ("globex", "mail"): ["0", "0", "0", "0", "0", "0", "1", "1"]}
     assert lines[1].split()[-1].endswith("s")  # the age of the oldest ready task
     assert lines[2].split()[-1] == "-"         # nothing ready
 
