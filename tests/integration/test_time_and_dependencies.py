@@ -44,6 +44,34 @@ async def test_a_task_with_a_countdown_is_blocked_until_due_then_runs(
     assert app.store.timers.count() == 0
 
 
+async def test_a_delayed_task_survives_a_restart_of_the_relay_and_the_worker(
+    durable_store_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    def make_app() -> App:
+        app = App(store=durable_store_url, amqp_url=amqp_url, namespace=namespace)
+
+        @app.task(name="later")
+        async def later() -> str:
+            return "ran after the restart"
+
+        return app
+
+    first = make_app()
+    async with running(first):
+        handle = await first.submit_async("later", countdown=2.0)
+        await wait_for(lambda: first.store.timers.count() == 1, timeout=10)
+        assert first.get_task(handle.id).status is TaskStatus.BLOCKED
+    first.close()  # every process of the first life is gone: only the store remembers the task
+    second = make_app()
+    try:
+        assert second.get_task(handle.id).status is TaskStatus.BLOCKED
+        async with running(second):
+            assert await second.handle(handle.id).result(timeout=20) == "ran after the restart"
+        assert _types(second, handle.id) == ["submitted", "started", "succeeded"]
+    finally:
+        second.close()
+
+
 async def test_an_eta_in_the_past_runs_at_once_and_a_naive_eta_is_refused(
     sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
 ) -> None:
