@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -334,6 +334,36 @@ def test_zero_counts_do_not_depend_on_batch_boundaries(views: Views) -> None:
     views.runner.batch_size = 100
     views.runner.rebuild("tasks")
     assert snapshot(views, "tasks")["queue_counts"] == live["queue_counts"]
+
+
+def test_a_release_readies_a_task_unless_its_eta_is_later_even_if_stamped_before_the_submission(
+        views: Views) -> None:
+    """The coordinator's clock may be behind the submitter's: the views say what the store says."""
+    log: list[Event] = []
+    expected: dict[uuid.UUID, tuple[str, float]] = {}
+    parent = uuid.uuid5(_IDS, "parent")
+    for n, (eta, release_after, state) in enumerate([
+        (None, -2, "ready"), (-1, -2, "ready"), (0, -2, "ready"),     # released "before" being submitted
+        (60, 30, "blocked"), (60, 90, "ready"), (None, 5, "ready"),
+    ]):
+        submit = domain.submit(task_id=uuid.uuid5(_IDS, f"child:{n}"), task="t.add", queue="default", args=[],
+                               kwargs={}, priority=5, tenant="acme", actor="client:test", now=T0,
+                               due_at=None if eta is None else T0 + timedelta(seconds=eta), depends_on=[parent])
+        blocked = domain.evolve(None, submit)
+        release = domain.release(blocked, results=[None], actor="coordinator",
+                                 now=T0 + timedelta(seconds=release_after))
+        released = domain.evolve(blocked, release)
+        assert released.status == state
+        assert released.ready_at is not None
+        expected[submit.stream_id] = (state, released.ready_at.timestamp())
+        log += [submit, release]
+    views.store.append(log)
+    views.runner.catch_up()
+    for task_id, (state, ready_at) in expected.items():
+        row = queries.task(views.database, str(task_id))
+        assert row is not None
+        assert (row["state"], row["ready_at"]) == (state, datetime.fromtimestamp(ready_at, UTC).isoformat())
+    assert [s.counts for s in queries.queues(views.database)] == [{"ready": 5, "blocked": 1}]
 
 
 # -- applying: once, and resuming -----------------------------------------------------------------

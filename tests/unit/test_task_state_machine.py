@@ -236,7 +236,7 @@ class TaskMachine(RuleBasedStateMachine):
         assert self.state is not None
         state, now = self.state, self.clock.advance(step)
         given = results[:len(state.depends_on)]
-        due_later = state.due_at is not None and state.due_at > now
+        due_later = state.due_at is not None and state.due_at > max(now, state.submitted_at)
         self._decide("release", lambda: domain.release(state, results=given, actor="coordinator", now=now),
                      UNTIL_DUE if due_later else READY)
         if self.state is not state and self.state is not None:
@@ -500,6 +500,16 @@ def test_a_release_before_the_eta_leaves_the_task_blocked_until_due() -> None:
     assert domain.is_startable(early)
     late = evolve(state, domain.release(state, results=[1], actor="coordinator", now=due + timedelta(seconds=1)))
     assert (late.status, late.ready_at) == (READY, due + timedelta(seconds=1))
+
+
+def test_a_release_stamped_before_the_submission_readies_a_task_whose_eta_was_past() -> None:
+    """The coordinator's clock may be behind the submitter's: an eta that did not block the task at
+    its submission does not block it at its release either."""
+    for eta in (None, NOW, NOW - timedelta(seconds=1)):
+        state = evolve(None, _submitted(depends_on=[PARENT_A], due_at=eta))
+        early = NOW - timedelta(seconds=2)
+        released = evolve(state, domain.release(state, results=[1], actor="coordinator", now=early))
+        assert (released.status, released.ready_at) == (READY, early)
 
 
 def test_a_task_is_released_once_and_only_when_blocked_on_parents() -> None:
