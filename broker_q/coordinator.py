@@ -60,6 +60,13 @@ class Coordinator:
         self.released = 0
         self.cancelled = 0
 
+    def take_over(self) -> None:
+        """Forget what this coordinator knew of the stored edges: call it whenever it starts reading
+        the log (again), from the position its relay recorded. While it was not reading, another
+        relay's coordinator (under the lease) may have stored edges: if it still believed there were
+        none, it would skip the successes and failures of their parents for good."""
+        self._has_edges = None
+
     def concerns(self, records: Sequence[Recorded]) -> bool:
         """Whether :meth:`process` may have anything to do for this page (cheap: no I/O)."""
         for record in records:

@@ -202,6 +202,7 @@ class Relay:
             exchanges = await self._topology.declare_exchanges(channel)
             self._declared.clear()
             self.position = await asyncio.to_thread(self._store.get_position, self._name)
+            self.coordinator.take_over()  # another relay may have stored edges since this one last read
             log.info("relay %s publishing from position %d", self._name, self.position)
             scheduler = asyncio.create_task(self._schedule(channel, exchanges["work"], stop))
             read_position = recorded_position = self.position

@@ -155,8 +155,10 @@ class TasksView:
                 row.update(state="deferred", ready_at=event.due_at.timestamp())
                 outcomes[(*key, row["task"], "deferred")] += 1
             elif isinstance(event, TaskReleased):
-                # Due later (an eta beside the parents): still blocked, and ready_at is that time already.
-                if row["ready_at"] <= ts:
+                # Due later (an eta after the submission, and after the release): still blocked, and
+                # ready_at is that time already. Otherwise ready, even if the coordinator's clock
+                # stamped the release before the submission (ready_at is the submission then).
+                if not row["submitted_at"] < row["ready_at"] > ts:
                     row.update(state="ready", ready_at=ts)
                 outcomes[(*key, row["task"], "released")] += 1
             elif isinstance(event, TaskReplayed):

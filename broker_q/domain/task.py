@@ -497,7 +497,10 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             if state.status is not TaskStatus.BLOCKED or not state.waiting_on:
                 raise DomainError(f"task {state.task_id} is {state.status} and waits for no parent: "
                                   "it cannot be released")
-            due = state.due_at is not None and state.due_at > event.timestamp
+            # Still due later: an eta that blocked it at its submission, and is later than this
+            # release too. An eta not after the submission never holds the task, whatever the
+            # clock of the coordinator that stamps the release says.
+            due = state.due_at is not None and state.due_at > max(event.timestamp, state.submitted_at)
             return replace(state, version=event.version, status=TaskStatus.BLOCKED if due else TaskStatus.READY,
                            waiting_on=(), args=state.args if event.args is None else event.args,
                            ready_at=state.due_at if due else event.timestamp)

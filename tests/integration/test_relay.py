@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import UTC, datetime
 
 import aio_pika
 
 from broker_q import App
 from broker_q.amqp.topology import Topology
+from broker_q.coordinator import Coordinator
+from broker_q.domain import task as domain
+from broker_q.domain.events import TaskEvent
 from broker_q.relay import Relay
+from broker_q.store import EventStore
 from tests.helpers import wait_for
 
 
@@ -122,3 +128,41 @@ async def test_a_relay_whose_postgresql_lease_connection_dies_stands_down(
         for stop in stops:
             stop.set()
         await asyncio.gather(*tasks)
+
+
+def _succeed(store: EventStore, task_id: uuid.UUID) -> None:
+    """What a worker appends for a task it ran."""
+    state = domain.replay(e for e in store.read_stream(task_id) if isinstance(e, TaskEvent))
+    assert state is not None
+    started = domain.start(state, worker="worker:test", now=datetime.now(UTC))
+    store.append([started, domain.succeed(domain.evolve(state, started), result=None, now=datetime.now(UTC))])
+
+
+async def test_a_relay_that_relays_again_releases_children_whose_edges_another_relay_stored(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """Two relays share a store, its lease and its position, each with its own coordinator: while one
+    stood by, the other stored the edges of a new child. The parent's success must release it."""
+    app = App(store=sqlite_url, amqp_url=amqp_url, namespace=namespace)
+    store = app.store
+    relay = Relay(store, amqp_url, Topology(namespace))
+
+    async def relay_until_caught_up() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            await wait_for(lambda: relay.position == store.max_position(), what="the relay to catch up")
+        finally:
+            stop.set()
+            await running
+
+    _succeed(store, app.submit("t").id)
+    await relay_until_caught_up()  # a success, and no edge anywhere
+    parent = app.submit("t")
+    child = app.submit("t", depends_on=[parent])
+    records = store.read_log(relay.position, 100)
+    Coordinator(store).process(records)  # the other relay's coordinator, under the lease meanwhile
+    store.set_position("relay", records[-1].position)
+    _succeed(store, parent.id)
+    await relay_until_caught_up()
+    assert [e.TYPE for e in app.history(child.id)] == ["submitted", "released"]

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from broker_q.codec import dumps
 from broker_q.domain import task as domain
-from broker_q.domain.events import Event, IngressRejected, TaskEvent
+from broker_q.domain.events import Event, IngressRejected, TaskEvent, TaskSubmitted
 from broker_q.domain.task import TaskState
 from broker_q.errors import ValidationError
 from broker_q.store import EventStore, open_store
@@ -106,29 +106,34 @@ def rejected(n: int, tenant: str, at: datetime) -> IngressRejected:
 
 @dataclass(frozen=True)
 class Plan:
-    """One task's story: submitted, ``starts`` attempts (a takeover after the first), then ``ending``."""
+    """One task's story: submitted (after parents, with an eta: blocked), released if it had parents,
+    ``starts`` attempts (a takeover after the first), then ``ending``."""
 
     tenant: str
     queue: str
     name: str
     starts: int
-    ending: str | None  # "succeeded", "dead_lettered", "cancelled" or None (still ready or started)
+    ending: str | None  # "succeeded", "dead_lettered", "cancelled" or None (still blocked, ready or started)
+    eta: int | None = None
+    """Milliseconds from its submission to its ``due_at``: before it (an eta past already), or after."""
+    parents: int = 0
+    released: bool = False
 
     @property
     def steps(self) -> list[str]:
-        return ["submitted", *["started"] * self.starts, *([self.ending] if self.ending else [])]
-
-    @property
-    def state(self) -> str:
-        return self.ending or ("started" if self.starts else "ready")
+        return ["submitted", *(["released"] if self.released else []), *["started"] * self.starts,
+                *([self.ending] if self.ending else [])]
 
 
 @st.composite
 def plans(draw: st.DrawFn, tenants: Sequence[str], queues: Sequence[str]) -> Plan:
-    starts = draw(st.integers(0, 3))
+    eta = draw(st.none() | st.integers(-5_000, 0) | st.integers(1, 5_000) | st.integers(60_000, 600_000))
+    parents = draw(st.sampled_from([0, 0, 1, 3]))
+    released = bool(parents) and draw(st.booleans())
+    starts = draw(st.integers(0, 3)) if released or not parents else 0  # no start before the release
     endings: list[str | None] = [None, "cancelled", *(["succeeded", "dead_lettered"] if starts else [])]
     return Plan(draw(st.sampled_from(tenants)), draw(st.sampled_from(queues)), draw(st.sampled_from(NAMES)), starts,
-                draw(st.sampled_from(endings)))
+                draw(st.sampled_from(endings)), eta, parents, released)
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,11 @@ class History:
 @st.composite
 def histories(draw: st.DrawFn) -> History:
     """Tasks of 1-3 tenants and 1-3 queues, their events interleaved at random into one log.
+
+    Some wait: for an eta (past already, or later than their submission) and for parents (fictitious
+    ones: the views do not look parents up), and some of those are released, before or after their
+    eta. The coordinator's clock is no better than the others: a release may be stamped before the
+    submission.
 
     The clock moves by 0 to 90 s between events (often by nothing or a few milliseconds, so times tie
     and every histogram bucket gets used), and a stamp may drift 2 s either way (clock skew).
@@ -166,8 +176,13 @@ def histories(draw: st.DrawFn) -> History:
         state = states.get(task_id)
         event: TaskEvent
         if state is None:
+            due = None if plan.eta is None else now + timedelta(milliseconds=plan.eta)
+            parents = [uuid.uuid5(_IDS, f"parent:{index}:{n}") for n in range(plan.parents)]
             event = domain.submit(task_id=task_id, task=plan.name, queue=plan.queue, args=[index], kwargs={},
-                                  priority=index % 10, tenant=plan.tenant, actor="client:test", now=now)
+                                  priority=index % 10, tenant=plan.tenant, actor="client:test", now=now,
+                                  due_at=due, depends_on=parents, receives="results" if plan.parents > 1 else None)
+        elif step == "released":
+            event = domain.release(state, results=list(range(plan.parents)), actor="coordinator", now=now)
         elif step == "started":
             event = domain.start(state, worker=f"worker:{taken[index]}", now=now)
         elif step == "succeeded":
@@ -235,30 +250,50 @@ def reference(history: History, positions: Sequence[int]) -> Reference:
         count, total = durations.get(key, (0, 0.0))
         durations[key] = (count + 1, total + max(seconds, 0.0))
 
+    outcomes = Counter[tuple[str, str, str, str]]()
+    counts = Counter[tuple[str, str, str]]()
     for task_id, plan in history.plans.items():
         stream = events[task_id]
         assert [e.TYPE for _, e in stream] == plan.steps
         stamps = [e.timestamp.timestamp() for _, e in stream]
-        submitted, starts = stamps[0], stamps[1:1 + plan.starts]
-        if starts:  # only the start from ready waited in a queue; a takeover did not
-            observe("queue_wait", plan, starts[0] - submitted)
+        submitted = stamps[0]
+        first_event = stream[0][1]
+        assert isinstance(first_event, TaskSubmitted)
+        due = None if first_event.due_at is None else first_event.due_at.timestamp()
+        # Blocked: after parents, or for an eta later than the submission. A release readies it,
+        # unless that eta is later still; ready_at is when it became ready, or is due.
+        state = "blocked" if plan.parents or (due is not None and due > submitted) else "ready"
+        ready_at = max(submitted, due if due is not None else submitted)
+        if plan.released:
+            released = stamps[1]
+            if not (due is not None and due > max(released, submitted)):
+                state, ready_at = "ready", released
+            outcomes[(plan.tenant, plan.queue, plan.name, "released")] += 1
+        first = 2 if plan.released else 1
+        starts = stamps[first:first + plan.starts]
+        if starts:  # only the start from blocked or ready waited in a queue; a takeover did not
+            observe("queue_wait", plan, starts[0] - ready_at)
+            state = "started"
         finished = stamps[-1] if plan.ending else None
         if plan.ending in ("succeeded", "dead_lettered"):
             assert finished is not None
             observe("run", plan, finished - starts[-1])
+        if plan.ending:
+            state = plan.ending
+            outcomes[(plan.tenant, plan.queue, plan.name, plan.ending)] += 1
+        counts[(plan.tenant, plan.queue, state)] += 1
         index = list(history.plans).index(task_id)
         error = {"dead_lettered": ("ValueError", f"boom {index}"), "cancelled": ("Cancelled", f"not needed {index}")}
         tasks.append((
-            task_id.hex, plan.tenant, plan.queue, plan.name, plan.state, plan.starts, len(plan.steps),
+            task_id.hex, plan.tenant, plan.queue, plan.name, state, plan.starts, len(plan.steps),
             dumps({"n": index}).decode() if plan.ending == "succeeded" else None,
             *error.get(plan.ending or "", (None, None)),
-            submitted, submitted, starts[-1] if starts else None, finished, stream[-1][0],
+            submitted, ready_at, starts[-1] if starts else None, finished, stream[-1][0],
         ))
-    plans = history.plans.values()
     return Reference(
         tasks=sorted(tasks, key=repr),
-        counts=dict(Counter((p.tenant, p.queue, p.state) for p in plans)),
-        outcomes=dict(Counter((p.tenant, p.queue, p.name, p.ending) for p in plans if p.ending)),
+        counts=dict(counts),
+        outcomes=dict(outcomes),
         durations=durations,
         audit=audit,
     )
@@ -334,6 +369,36 @@ def test_zero_counts_do_not_depend_on_batch_boundaries(views: Views) -> None:
     views.runner.batch_size = 100
     views.runner.rebuild("tasks")
     assert snapshot(views, "tasks")["queue_counts"] == live["queue_counts"]
+
+
+def test_a_release_readies_a_task_unless_its_eta_is_later_even_if_stamped_before_the_submission(
+        views: Views) -> None:
+    """The coordinator's clock may be behind the submitter's: the views say what the store says."""
+    log: list[Event] = []
+    expected: dict[uuid.UUID, tuple[str, float]] = {}
+    parent = uuid.uuid5(_IDS, "parent")
+    for n, (eta, release_after, state) in enumerate([
+        (None, -2, "ready"), (-1, -2, "ready"), (0, -2, "ready"),     # released "before" being submitted
+        (60, 30, "blocked"), (60, 90, "ready"), (None, 5, "ready"),
+    ]):
+        submit = domain.submit(task_id=uuid.uuid5(_IDS, f"child:{n}"), task="t.add", queue="default", args=[],
+                               kwargs={}, priority=5, tenant="acme", actor="client:test", now=T0,
+                               due_at=None if eta is None else T0 + timedelta(seconds=eta), depends_on=[parent])
+        blocked = domain.evolve(None, submit)
+        release = domain.release(blocked, results=[None], actor="coordinator",
+                                 now=T0 + timedelta(seconds=release_after))
+        released = domain.evolve(blocked, release)
+        assert released.status == state
+        assert released.ready_at is not None
+        expected[submit.stream_id] = (state, released.ready_at.timestamp())
+        log += [submit, release]
+    views.store.append(log)
+    views.runner.catch_up()
+    for task_id, (state, ready_at) in expected.items():
+        row = queries.task(views.database, str(task_id))
+        assert row is not None
+        assert (row["state"], row["ready_at"]) == (state, datetime.fromtimestamp(ready_at, UTC).isoformat())
+    assert [s.counts for s in queries.queues(views.database)] == [{"ready": 5, "blocked": 1}]
 
 
 # -- applying: once, and resuming -----------------------------------------------------------------

@@ -1,8 +1,12 @@
 """The task state machine of ``broker_q.domain.task``, driven by random command sequences.
 
 The reference for what is legal is written out here, independently of the code under test:
-:data:`LEGAL_COMMANDS` says which command each status accepts and :data:`TRANSITIONS` which status
-each status may move to. Time comes from an injected clock; nothing here reads the real one.
+:data:`LEGAL_COMMANDS` says which command each phase accepts and :data:`TRANSITIONS` which phase
+each phase may move to. A phase is a status, except that ``blocked`` is two phases: waiting on
+parents (only a release or a cancel may follow) and waiting for its time alone (it may start, as
+the scheduler starts it when due). The machine tracks the phase itself, from the commands it ran,
+and never reads it back from the code. Time comes from an injected clock; nothing here reads the
+real one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import hypothesis
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -23,12 +28,19 @@ from broker_q.domain.events import TaskEvent, TaskSubmitted
 from broker_q.domain.task import FINAL_STATES, MAX_PRIORITY, TaskState, TaskStatus, evolve, replay
 from broker_q.errors import DomainError
 
-READY, STARTED = TaskStatus.READY, TaskStatus.STARTED
+BLOCKED, READY, STARTED = TaskStatus.BLOCKED, TaskStatus.READY, TaskStatus.STARTED
 RETRY_SCHEDULED, DEFERRED = TaskStatus.RETRY_SCHEDULED, TaskStatus.DEFERRED
 SUCCEEDED, DEAD_LETTERED, CANCELLED = TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED
+ON_PARENTS, UNTIL_DUE = "blocked on parents", "blocked until due"
+"""The two phases of ``blocked``: some parent has not succeeded yet; only its ``due_at`` is left."""
 
-TRANSITIONS: dict[TaskStatus | None, frozenset[TaskStatus]] = {
-    None: frozenset({READY}),
+Phase = TaskStatus | str
+STATUS_OF: dict[Phase, TaskStatus] = {**{s: s for s in TaskStatus}, ON_PARENTS: BLOCKED, UNTIL_DUE: BLOCKED}
+
+TRANSITIONS: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({READY, ON_PARENTS, UNTIL_DUE}),
+    ON_PARENTS: frozenset({READY, UNTIL_DUE, CANCELLED}),  # released: ready, or still due later
+    UNTIL_DUE: frozenset({STARTED, DEFERRED, CANCELLED}),
     READY: frozenset({STARTED, DEFERRED, CANCELLED}),
     # started -> started: a takeover
     STARTED: frozenset({STARTED, SUCCEEDED, RETRY_SCHEDULED, DEAD_LETTERED, CANCELLED}),
@@ -38,10 +50,12 @@ TRANSITIONS: dict[TaskStatus | None, frozenset[TaskStatus]] = {
     DEAD_LETTERED: frozenset({READY}),  # replayed by an operator
     CANCELLED: frozenset(),
 }
-"""Every status a task may move to from each status (``None``: the task does not exist yet)."""
+"""Every phase a task may move to from each phase (``None``: the task does not exist yet)."""
 
-LEGAL_COMMANDS: dict[TaskStatus | None, frozenset[str]] = {
+LEGAL_COMMANDS: dict[Phase | None, frozenset[str]] = {
     None: frozenset({"submit"}),
+    ON_PARENTS: frozenset({"release", "cancel"}),
+    UNTIL_DUE: frozenset({"start", "defer", "cancel"}),
     READY: frozenset({"start", "defer", "cancel"}),
     STARTED: frozenset({"start", "succeed", "retry", "fail", "cancel"}),
     RETRY_SCHEDULED: frozenset({"start", "defer", "cancel"}),
@@ -51,10 +65,15 @@ LEGAL_COMMANDS: dict[TaskStatus | None, frozenset[str]] = {
     CANCELLED: frozenset(),
 }
 
-RESULTING_STATUS = {"submit": READY, "start": STARTED, "succeed": SUCCEEDED, "retry": RETRY_SCHEDULED,
-                    "fail": DEAD_LETTERED, "defer": DEFERRED, "replay": READY, "cancel": CANCELLED}
+RESULTING_PHASES: dict[str, frozenset[Phase]] = {
+    "submit": frozenset({READY, ON_PARENTS, UNTIL_DUE}), "release": frozenset({READY, UNTIL_DUE}),
+    "start": frozenset({STARTED}), "succeed": frozenset({SUCCEEDED}), "retry": frozenset({RETRY_SCHEDULED}),
+    "fail": frozenset({DEAD_LETTERED}), "defer": frozenset({DEFERRED}), "replay": frozenset({READY}),
+    "cancel": frozenset({CANCELLED}),
+}
 EVENT_TYPE = {"submit": "submitted", "start": "started", "succeed": "succeeded", "retry": "retry_scheduled",
-              "fail": "dead_lettered", "defer": "deferred", "replay": "replayed", "cancel": "cancelled"}
+              "fail": "dead_lettered", "defer": "deferred", "replay": "replayed", "cancel": "cancelled",
+              "release": "released"}
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8) | st.floats(
     allow_nan=False, allow_infinity=False
@@ -66,6 +85,8 @@ json_values = st.recursive(
 )
 names = st.text(st.characters(codec="ascii", categories=["L", "N"]), min_size=1, max_size=10)
 tenants = st.from_regex(r"[a-z0-9][a-z0-9_\-]{0,20}", fullmatch=True)
+PARENTS = tuple(uuid.UUID(int=n) for n in range(1, 4))
+"""The parents a task may wait for (the domain does not look them up: the coordinator does)."""
 
 
 class FakeClock:
@@ -80,10 +101,30 @@ class FakeClock:
 
 
 def test_the_reference_tables_agree() -> None:
-    for status, commands in LEGAL_COMMANDS.items():
-        assert {RESULTING_STATUS[c] for c in commands} == TRANSITIONS[status]
+    for phase, commands in LEGAL_COMMANDS.items():
+        assert set().union(*(RESULTING_PHASES[c] for c in commands)) == TRANSITIONS[phase], phase
     # final: nothing leaves them but an operator's replay of a dead letter
-    assert {s for s, targets in TRANSITIONS.items() if not targets} | {DEAD_LETTERED} == set(FINAL_STATES)
+    assert {p for p, targets in TRANSITIONS.items() if not targets} | {DEAD_LETTERED} == set(FINAL_STATES)
+    assert {STATUS_OF[p] for p in TRANSITIONS if p is not None} == set(TaskStatus)
+
+
+def submit_refusals(*, task_id: uuid.UUID, priority: int, due: datetime | None, parents: list[uuid.UUID],
+                    receives: str | None) -> list[str]:
+    """Why the reference refuses this submit: a word the refusal's message must contain, per reason."""
+    reasons = []
+    if not 0 <= priority <= MAX_PRIORITY:
+        reasons.append("priority")
+    if due is not None and due.tzinfo is None:
+        reasons.append("aware")
+    if task_id in parents:
+        reasons.append("itself")
+    if receives not in (None, "result", "results"):
+        reasons.append("receives")
+    elif receives == "result" and len(set(parents)) != 1:
+        reasons.append("exactly one parent")
+    elif receives is not None and not parents:
+        reasons.append("no parents")
+    return reasons
 
 
 class TaskMachine(RuleBasedStateMachine):
@@ -94,18 +135,19 @@ class TaskMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.task_id = uuid.uuid4()
         self.state: TaskState | None = None
+        self.phase: Phase | None = None
         self.events: list[TaskEvent] = []
         self.final: TaskState | None = None
 
-    @property
-    def status(self) -> TaskStatus | None:
-        return None if self.state is None else self.state.status
+    def _decide(self, command: str, decide: Any, phase: Phase | None = None) -> None:
+        """Run ``decide()``; apply its event if the reference says the command is legal now.
 
-    def _decide(self, command: str, decide: Any) -> None:
-        """Run ``decide()``; apply its event if the reference says the command is legal now."""
+        ``phase``: the phase the reference expects after it (needed where a command has several).
+        """
         before_state, before_events = self.state, list(self.events)
-        legal = command in LEGAL_COMMANDS[self.status]
+        legal = command in LEGAL_COMMANDS[self.phase]
         if not legal:
+            hypothesis.event(f"refused: {command} when {self.phase}")  # --hypothesis-show-statistics shows the coverage
             if command == "submit":
                 # submit takes no state: a second submit is refused when applied (and by the store)
                 with pytest.raises(DomainError):
@@ -116,6 +158,9 @@ class TaskMachine(RuleBasedStateMachine):
             assert self.state == before_state
             assert self.events == before_events
             return
+        if phase is None:
+            (phase,) = RESULTING_PHASES[command]
+        assert phase in RESULTING_PHASES[command]
         event = decide()
         assert EVENT_TYPE[command] == event.TYPE
         assert event.stream_id == self.task_id
@@ -123,11 +168,14 @@ class TaskMachine(RuleBasedStateMachine):
         assert event.timestamp == self.clock.now
         self._refuses_misplaced(event)
         new = evolve(self.state, event)
-        assert new.status in TRANSITIONS[self.status], f"{self.status} -> {new.status} on {command}"
-        assert new.status is RESULTING_STATUS[command]
+        assert phase in TRANSITIONS[self.phase], f"{self.phase} -> {phase} on {command}"
+        assert new.status is STATUS_OF[phase], f"{self.phase} -> {new.status} on {command}, expected {phase}"
+        if new.status is BLOCKED:
+            assert bool(new.waiting_on) == (phase == ON_PARENTS)
         assert new.version == event.version
         assert self.state == before_state  # evolve returned a new state, the old one is intact
-        self.state = new
+        hypothesis.event(f"{self.phase} -> {phase} on {command}")
+        self.state, self.phase = new, phase
         self.events.append(event)
 
     def _refuses_misplaced(self, event: TaskEvent) -> None:
@@ -144,24 +192,61 @@ class TaskMachine(RuleBasedStateMachine):
         kwargs=st.dictionaries(names, json_values, max_size=3),
         tenant=tenants,
         step=st.floats(0, 3600),
+        eta=st.none() | st.floats(-3600, 0) | st.floats(0.001, 3600),
+        naive=st.integers(0, 9).map(lambda n: n == 0),
+        parents=st.lists(st.integers(0, 12), max_size=4),
+        receives=st.sampled_from([None, None, "result", "results", "everything"]),
     )
-    def submit(self, priority: int, args: list[Any], kwargs: dict[str, Any], tenant: str, step: float) -> None:
+    def submit(self, priority: int, args: list[Any], kwargs: dict[str, Any], tenant: str, step: float,
+               eta: float | None, naive: bool, parents: list[int], receives: str | None) -> None:
+        """Submit, now or after an eta (past or future, sometimes naive), after some parents (sometimes itself)."""
         now = self.clock.advance(step)
+        due = None if eta is None else now + timedelta(seconds=eta)
+        if due is not None and naive:
+            due = due.replace(tzinfo=None)
+        depends_on = [self.task_id if n == 0 else PARENTS[n % len(PARENTS)] for n in parents]
 
         def decide() -> TaskSubmitted:
             return domain.submit(task_id=self.task_id, task="t.add", queue="default", args=args, kwargs=kwargs,
-                                 priority=priority, tenant=tenant, actor="client:test", now=now)
+                                 priority=priority, tenant=tenant, actor="client:test", now=now, due_at=due,
+                                 depends_on=depends_on, receives=receives)
 
-        if not 0 <= priority <= MAX_PRIORITY:
-            with pytest.raises(DomainError, match="priority"):
+        refusals = submit_refusals(task_id=self.task_id, priority=priority, due=due, parents=depends_on,
+                                   receives=receives)
+        if refusals:
+            hypothesis.event(f"refused: submit ({', '.join(refusals)})")
+            with pytest.raises(DomainError, match=refusals[0] if len(refusals) == 1 else None):
                 decide()
             return
+        waits_until = due if due is not None and due > now else None
         first = self.state is None
-        self._decide("submit", decide)
+        self._decide("submit", decide, ON_PARENTS if depends_on else UNTIL_DUE if waits_until else READY)
         if first:
             assert self.state is not None
             assert (self.state.priority, self.state.args, self.state.kwargs) == (priority, args, kwargs)
             assert self.state.submitted_at == now
+            assert self.state.depends_on == self.state.waiting_on == tuple(dict.fromkeys(depends_on))
+            assert (self.state.due_at, self.state.receives) == (due, receives)
+            assert self.state.ready_at == (waits_until or now)
+
+    @precondition(lambda self: self.state is not None)
+    @rule(results=st.lists(json_values, min_size=len(PARENTS), max_size=len(PARENTS)), step=st.floats(0, 3600))
+    def release(self, results: list[Any], step: float) -> None:
+        """Every parent succeeded: the coordinator passes their results, in ``depends_on`` order."""
+        assert self.state is not None
+        state, now = self.state, self.clock.advance(step)
+        given = results[:len(state.depends_on)]
+        due_later = state.due_at is not None and state.due_at > max(now, state.submitted_at)
+        self._decide("release", lambda: domain.release(state, results=given, actor="coordinator", now=now),
+                     UNTIL_DUE if due_later else READY)
+        if self.state is not state and self.state is not None:
+            released = self.events[-1]
+            expected = {None: None, "result": [given[0], *state.args], "results": [given, *state.args]}
+            assert released.args == expected[state.receives]  # type: ignore[attr-defined]
+            assert self.state.args == (state.args if state.receives is None else expected[state.receives])
+            assert (self.state.waiting_on, self.state.depends_on) == ((), state.depends_on)
+            assert self.state.ready_at == (state.due_at if due_later else now)
+            assert self.state.attempts == state.attempts
 
     @precondition(lambda self: self.state is not None)
     @rule(worker=names, step=st.floats(0, 3600))
@@ -173,6 +258,7 @@ class TaskMachine(RuleBasedStateMachine):
             assert self.state.attempts == state.attempts + 1
             assert self.state.worker == worker
             assert self.state.started_at == now
+            assert self.state.due_at is None
 
     @precondition(lambda self: self.state is not None)
     @rule(result=json_values, step=st.floats(0, 3600))
@@ -263,7 +349,7 @@ class TaskMachine(RuleBasedStateMachine):
 
 
 TaskMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_task_state_machine = TaskMachine.TestCase
 
@@ -362,3 +448,100 @@ def test_task_id_for_is_random_without_a_key() -> None:
 
 def test_task_id_for_never_confuses_two_tenant_and_key_pairs() -> None:
     assert domain.task_id_for("a\x00b", "c") != domain.task_id_for("a", "b\x00c")
+
+
+# -- blocked: an eta, parents ---------------------------------------------------------------------
+
+PARENT_A, PARENT_B = uuid.UUID(int=1), uuid.UUID(int=2)
+
+
+def test_an_eta_blocks_only_when_it_is_later_than_the_submission() -> None:
+    for eta, status in ((NOW + timedelta(seconds=1), BLOCKED), (NOW, READY), (NOW - timedelta(days=1), READY)):
+        state = evolve(None, _submitted(due_at=eta))
+        assert (state.status, state.due_at, state.ready_at) == (status, eta, max(eta, NOW))
+        assert domain.is_startable(state)  # blocked on time alone: the scheduler starts it when due
+
+
+def test_a_blocked_task_with_parents_starts_only_after_its_release() -> None:
+    state = evolve(None, _submitted(depends_on=[PARENT_A, PARENT_B, PARENT_A]))
+    assert (state.status, state.depends_on, state.waiting_on) == (BLOCKED, (PARENT_A, PARENT_B), (PARENT_A, PARENT_B))
+    assert not domain.is_startable(state)
+    for refused in (lambda: domain.start(state, worker="w", now=NOW),
+                    lambda: domain.defer(state, due_at=NOW, reason="r", actor="w", now=NOW)):
+        with pytest.raises(DomainError):
+            refused()
+    with pytest.raises(DomainError, match="cannot start"):
+        evolve(state, domain.started_event(task_id=state.task_id, version=2, attempt=1, worker="w",
+                                           tenant=state.tenant, correlation_id=state.correlation_id, now=NOW))
+    released = evolve(state, domain.release(state, results=[1, 2], actor="coordinator", now=NOW))
+    assert (released.status, released.waiting_on, released.args, released.ready_at) == (READY, (), [1, 2], NOW)
+
+
+@pytest.mark.parametrize(("receives", "parents", "args"), [
+    (None, [PARENT_A, PARENT_B], [1, 2]),
+    ("result", [PARENT_A], [{"a": 1}, 1, 2]),
+    ("results", [PARENT_A, PARENT_B], [[{"a": 1}, "b"], 1, 2]),
+])
+def test_a_release_passes_the_parents_results_first(receives: str | None, parents: list[uuid.UUID],
+                                                    args: list[Any]) -> None:
+    state = evolve(None, _submitted(depends_on=parents, receives=receives))
+    event = domain.release(state, results=[{"a": 1}, "b"][:len(parents)], actor="coordinator", now=NOW)
+    assert event.args == (None if receives is None else args)
+    assert evolve(state, event).args == args
+    decoded = decode_event(event.stream_id, event.version, event.TOPIC, encode_event(event))
+    assert evolve(state, decoded) == evolve(state, event)  # type: ignore[arg-type]
+
+
+def test_a_release_before_the_eta_leaves_the_task_blocked_until_due() -> None:
+    due = NOW + timedelta(hours=1)
+    state = evolve(None, _submitted(depends_on=[PARENT_A], due_at=due))
+    early = evolve(state, domain.release(state, results=[1], actor="coordinator", now=NOW + timedelta(minutes=1)))
+    assert (early.status, early.waiting_on, early.ready_at) == (BLOCKED, (), due)
+    assert domain.is_startable(early)
+    late = evolve(state, domain.release(state, results=[1], actor="coordinator", now=due + timedelta(seconds=1)))
+    assert (late.status, late.ready_at) == (READY, due + timedelta(seconds=1))
+
+
+def test_a_release_stamped_before_the_submission_readies_a_task_whose_eta_was_past() -> None:
+    """The coordinator's clock may be behind the submitter's: an eta that did not block the task at
+    its submission does not block it at its release either."""
+    for eta in (None, NOW, NOW - timedelta(seconds=1)):
+        state = evolve(None, _submitted(depends_on=[PARENT_A], due_at=eta))
+        early = NOW - timedelta(seconds=2)
+        released = evolve(state, domain.release(state, results=[1], actor="coordinator", now=early))
+        assert (released.status, released.ready_at) == (READY, early)
+
+
+def test_a_task_is_released_once_and_only_when_blocked_on_parents() -> None:
+    state = evolve(None, _submitted(depends_on=[PARENT_A]))
+    event = domain.release(state, results=[1], actor="coordinator", now=NOW)
+    released = evolve(state, event)
+    with pytest.raises(DomainError, match="nothing to release"):
+        domain.release(released, results=[1], actor="coordinator", now=NOW)
+    with pytest.raises(DomainError, match="cannot be released"):
+        evolve(released, dataclasses.replace(event, version=3))
+    for other in (_ready(), evolve(None, _submitted(due_at=NOW + timedelta(hours=1)))):
+        with pytest.raises(DomainError, match="nothing to release"):
+            domain.release(other, results=[], actor="coordinator", now=NOW)
+
+
+def test_a_blocked_task_can_be_cancelled() -> None:
+    for submitted in (_submitted(depends_on=[PARENT_A]), _submitted(due_at=NOW + timedelta(hours=1))):
+        state = evolve(None, submitted)
+        cancelled = evolve(state, domain.cancel(state, reason="upstream_failed", actor="coordinator", now=NOW))
+        assert (cancelled.status, cancelled.cancel_reason) == (CANCELLED, "upstream_failed")
+        with pytest.raises(DomainError):
+            domain.release(cancelled, results=[1], actor="coordinator", now=NOW)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"depends_on": [PARENT_A, PARENT_B], "receives": "result"}, "exactly one parent"),
+    ({"receives": "results"}, "no parents"),
+    ({"depends_on": [PARENT_A], "receives": "all"}, "receives"),
+    ({"task_id": PARENT_A, "depends_on": [PARENT_B, PARENT_A]}, "itself"),
+    ({"due_at": datetime(2030, 1, 1)}, "aware"),
+    ({"depends_on": [uuid.UUID(int=n) for n in range(domain.MAX_PARENTS + 1)]}, "at most"),
+])
+def test_a_submit_that_cannot_wait_as_asked_is_refused(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(DomainError, match=match):
+        _submitted(**overrides)
