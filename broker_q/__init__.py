@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition, TaskHandle
-    from broker_q.domain.retry import Retry, RetryPolicy
+    from broker_q.domain.retry import Retry, RetryOverride, RetryPolicy
     from broker_q.domain.task import TaskState, TaskStatus
     from broker_q.errors import (
         BrokerQError,
@@ -43,6 +43,7 @@ __all__ = [
     "DomainError",
     "Middleware",
     "Retry",
+    "RetryOverride",
     "RetryPolicy",
     "SerializationError",
     "Settings",
@@ -69,6 +70,7 @@ _WHERE = {
     "TaskDefinition": "broker_q.app",
     "TaskHandle": "broker_q.app",
     "Retry": "broker_q.domain.retry",
+    "RetryOverride": "broker_q.domain.retry",
     "RetryPolicy": "broker_q.domain.retry",
     "AttemptCancelled": "broker_q.limits",
     "SoftTimeLimitExceeded": "broker_q.limits",

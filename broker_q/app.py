@@ -25,7 +25,7 @@ from broker_q.arguments import Parameters
 from broker_q.codec import check_json
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
-from broker_q.domain.retry import RetryPolicy
+from broker_q.domain.retry import RetryOverride, RetryPolicy
 from broker_q.domain.schedule import ScheduleState, define
 from broker_q.domain.task import (
     TaskState,
@@ -234,16 +234,20 @@ class App:
         eta: datetime | None = None,
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
+        retry: RetryPolicy | RetryOverride | None = None,
     ) -> TaskHandle[Any]:
         """Record a new task and return its handle. The same ``idempotency_key`` gives the same task.
 
         ``max_attempts``, ``time_limit`` and ``soft_time_limit`` override the task's own for this task.
+        ``retry`` changes the task's retry policy for this task: a :class:`RetryOverride` replaces the
+        fields it gives, a :class:`RetryPolicy` all of them (its exception classes are recorded by
+        their qualified names). ``max_attempts=n`` is short for ``retry=RetryOverride(max_attempts=n)``.
         ``eta`` (an aware datetime) or ``countdown`` (seconds from now): the task is blocked until
         then, and held by no worker meanwhile. ``depends_on``: tasks (ids or handles) that must all
         succeed first; if one of them fails for good, this task is cancelled (``upstream_failed``).
         """
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit),
+                                _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
                                 _when(eta, countdown), _task_ids(depends_on))
         self._check_parents(event)
         try:
@@ -270,10 +274,11 @@ class App:
         eta: datetime | None = None,
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
+        retry: RetryPolicy | RetryOverride | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit),
+                                _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
                                 _when(eta, countdown), _task_ids(depends_on))
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
@@ -330,6 +335,7 @@ class App:
             max_attempts=limits.max_attempts,
             time_limit=limits.time_limit,
             soft_time_limit=limits.soft_time_limit,
+            retry=limits.retry,
             due_at=due_at,
             depends_on=depends_on,
             receives=receives,
@@ -505,6 +511,15 @@ class _Limits(NamedTuple):
     max_attempts: int | None
     time_limit: float | None
     soft_time_limit: float | None
+    retry: RetryOverride | None = None
+
+
+def _override(retry: RetryPolicy | RetryOverride | None) -> RetryOverride | None:
+    if retry is None or isinstance(retry, RetryOverride):
+        return retry
+    if isinstance(retry, RetryPolicy):
+        return RetryOverride.of(retry)
+    raise ValidationError(f"retry must be a RetryPolicy or a RetryOverride, got {type(retry).__name__}")
 
 
 class TaskDefinition(Generic[P, R]):

@@ -17,6 +17,7 @@ from typing import Any
 from broker_q.amqp.topology import Topology
 from broker_q.app import App, _as_uuid
 from broker_q.codec import loads
+from broker_q.domain.retry import RetryOverride
 from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, ValidationError
 from broker_q.relay import Relay
 from broker_q.rendering import history_row, status_view
@@ -86,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-attempts", type=_positive_int, help="attempts in all, overriding the task's own")
     sub.add_argument("--time-limit", type=float, help="hard time limit in seconds, overriding the task's own")
     sub.add_argument("--soft-time-limit", type=float, help="soft time limit in seconds, overriding the task's own")
+    sub.add_argument("--retry-backoff", type=float, metavar="S", help="seconds before the first retry")
+    sub.add_argument("--retry-backoff-max", type=float, metavar="S", help="the longest wait between attempts")
+    sub.add_argument("--retry-factor", type=float, metavar="F", help="each retry waits F times longer")
+    sub.add_argument("--no-retry-jitter", action="store_const", const=False, dest="retry_jitter",
+                     help="wait the full backoff, not a draw from half of it to all of it")
+    sub.add_argument("--retry-on", action="append", metavar="NAME",
+                     help="an error retried, by qualified class name, e.g. builtins.ConnectionError (repeat)")
+    sub.add_argument("--dont-retry-on", action="append", metavar="NAME",
+                     help="an error never retried, by qualified class name (repeat)")
     sub.add_argument("--eta", type=_aware_time, help="not before this time (ISO 8601 with a UTC offset)")
     sub.add_argument("--countdown", type=float, help="not before this many seconds from now")
     sub.add_argument("--depends-on", action="append", default=[], metavar="ID",
@@ -174,10 +184,16 @@ def _submit(options: argparse.Namespace) -> int:
     app = _app(options)
     args = _json_arg(options.args, list, "--args")
     kwargs = _json_arg(options.kwargs, dict, "--kwargs")
+    # Each --retry-* option replaces that one field of the task's retry policy, for this task.
+    retry = RetryOverride(backoff=options.retry_backoff, backoff_max=options.retry_backoff_max,
+                          factor=options.retry_factor, jitter=options.retry_jitter,
+                          retry_on=None if options.retry_on is None else tuple(options.retry_on),
+                          dont_retry_on=None if options.dont_retry_on is None else tuple(options.dont_retry_on))
     handle = app.submit(options.task, args, kwargs, queue=options.queue, priority=options.priority,
                         idempotency_key=options.idempotency_key, max_attempts=options.max_attempts,
                         time_limit=options.time_limit, soft_time_limit=options.soft_time_limit,
-                        eta=options.eta, countdown=options.countdown, depends_on=options.depends_on)
+                        eta=options.eta, countdown=options.countdown, depends_on=options.depends_on,
+                        retry=retry if retry.to_json() else None)
     print(handle.id, flush=True)
     if options.wait:
         print(json.dumps(handle.wait(timeout=options.timeout)))

@@ -74,7 +74,7 @@ def work_message_body(event: TaskSubmitted) -> bytes:
         "args": event.args, "kwargs": event.kwargs, "priority": event.priority, "tenant": event.tenant,
         "correlation_id": event.correlation_id,
     }
-    for name in ("max_attempts", "time_limit", "soft_time_limit"):
+    for name in ("max_attempts", "time_limit", "soft_time_limit", "retry"):
         if getattr(event, name) is not None:
             message[name] = getattr(event, name)
     return dumps(message)
@@ -91,6 +91,8 @@ def work_message_for(state: TaskState) -> bytes:
     for name in ("max_attempts", "time_limit", "soft_time_limit"):
         if getattr(state, name) is not None:
             message[name] = getattr(state, name)
+    if state.retry is not None:
+        message["retry"] = state.retry.to_json()
     return dumps(message)
 
 

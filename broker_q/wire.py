@@ -11,17 +11,48 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
 
+from broker_q.domain.retry import RetryOverride
 from broker_q.domain.task import MAX_PRIORITY
+from broker_q.errors import DomainError
 
-__all__ = ["ENVELOPE_CONTENT_TYPE", "WORK_MESSAGE_TYPE", "TaskEnvelope", "WorkMessage", "envelope_json_schema"]
+__all__ = [
+    "ENVELOPE_CONTENT_TYPE",
+    "WORK_MESSAGE_TYPE",
+    "RetryOptions",
+    "TaskEnvelope",
+    "WorkMessage",
+    "envelope_json_schema",
+]
 
 ENVELOPE_CONTENT_TYPE = "application/json"
 WORK_MESSAGE_TYPE = "broker_q.work.v1"
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
+ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*(\.([A-Za-z_]\w*|<locals>))+$",
+                                             max_length=300)]
+_NAMES = ("Qualified class names, e.g. 'builtins.ValueError' or 'myapp.errors.Throttled'; an error matches a "
+          "name when its class or one of its bases has it.")
+
+
+class RetryOptions(BaseModel):
+    """Changes to the task's retry policy for this one task: each field given replaces the policy's own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="broker_q retry options")
+
+    max_attempts: int | None = Field(default=None, ge=1, le=1000, description="Attempts in all, the first included.")
+    backoff: float | None = Field(default=None, ge=0, le=7 * 86400, description="Seconds before the first retry.")
+    factor: float | None = Field(default=None, ge=1, le=100, description="Each retry waits this many times longer.")
+    backoff_max: float | None = Field(default=None, ge=0, le=7 * 86400, description="The longest wait, in seconds.")
+    jitter: bool | None = Field(default=None, description="Draw each wait from [wait / 2, wait].")
+    retry_on: list[ClassName] | None = Field(default=None, max_length=100, description=f"Errors retried. {_NAMES}")
+    dont_retry_on: list[ClassName] | None = Field(
+        default=None, max_length=100, description=f"Errors never retried, even when also in retry_on. {_NAMES}")
+
+    def override(self) -> RetryOverride:
+        return RetryOverride.from_json(self.model_dump(exclude_none=True))
 
 
 class TaskEnvelope(BaseModel):
@@ -49,6 +80,9 @@ class TaskEnvelope(BaseModel):
         default_factory=list, max_length=10_000,
         description="Ids of tasks that must all succeed first; if one fails for good (or does not exist), "
         "this task is cancelled with the reason upstream_failed.")
+    retry: RetryOptions | None = Field(
+        default=None, description="Changes to the task's retry policy for this task; each field given replaces "
+        "the policy's own.")
 
 
 class WorkMessage(BaseModel):
@@ -70,6 +104,21 @@ class WorkMessage(BaseModel):
     max_attempts: int | None = Field(default=None, description="This task's own attempt budget, if it has one.")
     time_limit: float | None = Field(default=None, description="This task's own hard time limit, in seconds.")
     soft_time_limit: float | None = Field(default=None, description="This task's own soft time limit, in seconds.")
+    retry: RetryOverride | None = Field(default=None, description="This task's own changes to its retry policy.")
+
+    @field_validator("retry", mode="plain")
+    @classmethod
+    def _retry(cls, value: Any) -> RetryOverride | None:
+        if value is None or isinstance(value, RetryOverride):
+            return value
+        try:
+            return RetryOverride.from_json(value)
+        except (DomainError, TypeError) as e:
+            raise ValueError(str(e)) from e
+
+    @field_serializer("retry")
+    def _retry_json(self, value: RetryOverride | None) -> dict[str, Any] | None:
+        return None if value is None else value.to_json()
 
 
 def envelope_json_schema() -> str:

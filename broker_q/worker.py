@@ -467,10 +467,10 @@ class Worker:
     def _failed(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
                 error: Exception, trace: str, *, prefix: str = "", timed_out: bool = False,
                 error_type: str | None = None, message: str | None = None) -> TaskEvent:
-        """A retry or a dead letter, as the task's retry policy decides for ``error``."""
+        """A retry or a dead letter, as the task's retry policy, changed by its submit's, decides for ``error``."""
         policy = definition.retry if definition is not None else RetryPolicy()
         decision = policy.decide(error, tries=work.attempt - work.first_attempt + 1, draw=random.random(),
-                                 max_attempts=work.max_attempts)
+                                 max_attempts=work.max_attempts, override=work.retry)
         now = _now()
         error_type = error_type or type(error).__name__
         message = prefix + (str(error) if message is None else message)
@@ -547,6 +547,7 @@ class Worker:
                 tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=now,
                 correlation_id=envelope.correlation_id, idempotency_key=key,
                 due_at=None if due_at is None else due_at.astimezone(UTC), depends_on=envelope.depends_on,
+                retry=None if envelope.retry is None else envelope.retry.override(),
             )
         except DomainError as e:
             raise ValidationError(str(e)) from e

@@ -113,6 +113,11 @@ class TaskSubmitted(TaskEvent):
     """Overrides the task's hard time limit (seconds) for this task."""
     soft_time_limit: float | None = None
     """Overrides the task's soft time limit (seconds) for this task."""
+    retry: dict[str, Any] | None = None
+    """Overrides fields of the task's retry policy for this task, each one given replacing the
+    policy's own (:class:`~broker_q.domain.retry.RetryOverride` without ``max_attempts``, which is
+    the field above): ``backoff``, ``factor``, ``backoff_max``, ``jitter``, and ``retry_on`` and
+    ``dont_retry_on`` as lists of qualified class names."""
     due_at: datetime | None = None
     """Not to start before this time (``eta``/``countdown``): until then the task is blocked."""
     depends_on: list[uuid.UUID] = field(default_factory=list)

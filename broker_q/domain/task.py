@@ -46,6 +46,7 @@ from broker_q.domain.events import (
     TaskSucceeded,
     event_id,
 )
+from broker_q.domain.retry import RetryOverride
 from broker_q.errors import DomainError
 
 __all__ = [
@@ -133,6 +134,8 @@ class TaskState:
     max_attempts: int | None = None
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    retry: RetryOverride | None = None
+    """The submit's changes to the task's retry policy, besides ``max_attempts``."""
     attempts: int = 0
     first_attempt: int = 1
     """The attempt the retry budget counts from: 1, or the one after a replay."""
@@ -181,11 +184,16 @@ def submit(
     max_attempts: int | None = None,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
+    retry: RetryOverride | None = None,
     due_at: datetime | None = None,
     depends_on: Iterable[uuid.UUID] = (),
     receives: str | None = None,
 ) -> TaskSubmitted:
     """Decide the first event of a new task.
+
+    ``retry``: changes to the task's retry policy; ``max_attempts`` is short for
+    ``retry=RetryOverride(max_attempts=...)`` (give it one way, not both). The override's
+    ``max_attempts`` is recorded as the event's own, the rest as its ``retry``.
 
     ``due_at``: not before then (an aware time). ``depends_on``: parents that must all succeed
     first; the caller checks that they exist (a task can only wait for tasks older than itself, so
@@ -199,6 +207,10 @@ def submit(
         raise DomainError(f"tenant {tenant!r} is not a tenant name (lowercase letters, digits, '_' and '-')")
     if not 0 <= priority <= MAX_PRIORITY:
         raise DomainError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
+    if retry is not None and retry.max_attempts is not None:
+        if max_attempts is not None:
+            raise DomainError("give max_attempts or retry=...(max_attempts=...), not both")
+        max_attempts, retry = retry.max_attempts, replace(retry, max_attempts=None)
     check_limits(max_attempts=max_attempts, time_limit=time_limit, soft_time_limit=soft_time_limit)
     if due_at is not None and due_at.utcoffset() is None:
         raise DomainError(f"eta must be an aware datetime (with a timezone), got {due_at.isoformat()}")
@@ -230,6 +242,7 @@ def submit(
         max_attempts=max_attempts,
         time_limit=time_limit,
         soft_time_limit=soft_time_limit,
+        retry=(retry.to_json() or None) if retry is not None else None,
         due_at=due_at,
         depends_on=parents,
         receives=receives,
@@ -460,6 +473,7 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             max_attempts=event.max_attempts,
             time_limit=event.time_limit,
             soft_time_limit=event.soft_time_limit,
+            retry=None if event.retry is None else RetryOverride.from_json(event.retry),
             ready_at=event.timestamp if event.due_at is None else max(event.due_at, event.timestamp),
             due_at=event.due_at,
             depends_on=tuple(event.depends_on),

@@ -165,6 +165,10 @@ REFUSED: dict[str, tuple[bytes, str | None, tuple[str, ...]]] = {
                           "application/json", ("eta or countdown, not both",)),
     "negative-countdown": (b'{"task": "add", "args": [1, 2], "countdown": -1}', "application/json",
                            ("countdown", "greater than or equal to 0")),
+    "retry-by-bare-class-name": (b'{"task": "add", "args": [1, 2], "retry": {"retry_on": ["ValueError"]}}',
+                                 "application/json", ("retry.retry_on", "pattern")),
+    "retry-both-ways": (b'{"task": "add", "args": [1, 2], "retry": {"backoff": 1, "colour": "red"}}',
+                        "application/json", ("retry.colour", "not permitted")),
     "over-the-limit": (json.dumps({"task": "add", "args": ["x" * MAX_MESSAGE_BYTES, 1]}).encode(),
                        "application/json", ("over the limit", str(MAX_MESSAGE_BYTES))),
 }
@@ -329,3 +333,14 @@ async def test_an_envelope_with_a_countdown_and_a_parent_waits_for_both(
             "task": "add", "args": [1, 1], "depends_on": [str(uuid.uuid4())]}))
         with pytest.raises(TaskCancelled, match="does not exist"):
             await app.handle(orphan.stream_id).result(timeout=10)
+
+
+async def test_an_envelopes_retry_options_are_recorded_with_its_task(
+    app: App, channel: AbstractChannel, namespace: str
+) -> None:
+    async with running(app):
+        event = await submitted(app, await publish(channel, namespace, {
+            "task": "add", "args": [1, 2],
+            "retry": {"max_attempts": 3, "backoff": 2, "retry_on": ["builtins.OSError"]}}))
+        assert await app.handle(event.stream_id).result(timeout=10) == 3
+    assert (event.max_attempts, event.retry) == (3, {"backoff": 2.0, "retry_on": ["builtins.OSError"]})

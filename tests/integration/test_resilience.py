@@ -16,10 +16,20 @@ from typing import Any
 import aio_pika
 import pytest
 
-from broker_q import App, AttemptCancelled, Retry, RetryPolicy, TaskCancelled, TaskFailed, TaskStatus, cancelled
+from broker_q import (
+    App,
+    AttemptCancelled,
+    Retry,
+    RetryOverride,
+    RetryPolicy,
+    TaskCancelled,
+    TaskFailed,
+    TaskStatus,
+    cancelled,
+)
 from broker_q.breakers import Breakers
 from broker_q.domain.breaker import BreakerPolicy
-from broker_q.domain.events import TaskEvent, TaskReplayed, TaskRetryScheduled, TaskStarted
+from broker_q.domain.events import TaskDeadLettered, TaskEvent, TaskReplayed, TaskRetryScheduled, TaskStarted
 from broker_q.errors import ConfigurationError, DomainError
 from broker_q.middleware import Attempt, Middleware
 from broker_q.threads import ThreadsExhausted
@@ -118,6 +128,52 @@ async def test_the_last_attempt_and_errors_not_retried_dead_letter(
     assert _types(app, refused.id) == ["submitted", "started", "dead_lettered"]
     assert app.get_task(exhausted.id).status is TaskStatus.DEAD_LETTERED
     assert "raise ConnectionError" in (app.get_task(exhausted.id).traceback or "")
+
+
+class Declined(ValueError):
+    """Named ``tests.integration.test_resilience.Declined`` in a submit's retry override."""
+
+
+async def test_a_submits_retry_override_changes_the_backoff_and_which_errors_retry(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="pay", retry=RetryPolicy(max_attempts=3, backoff=0.05, jitter=False, retry_on=(ConnectionError,)))
+    def pay() -> None:
+        raise Declined("card declined")
+
+    async with running(app):
+        own = await app.submit_async("pay")
+        # retry_on by a base class's name (Declined is a ValueError); backoff and factor replaced;
+        # max_attempts and jitter (off) stay the task's.
+        changed = await app.submit_async("pay", retry=RetryOverride(backoff=0.2, factor=1.5,
+                                                                    retry_on=("builtins.ValueError",)))
+        cli = await asyncio.to_thread(_cli, sqlite_url, "submit", "pay", "--max-attempts", "2", "--retry-backoff",
+                                      "0.1", "--retry-on", "builtins.Exception", "--dont-retry-on",
+                                      "tests.integration.test_resilience.Declined")
+        assert cli.returncode == 0, cli.stderr
+        refused = app.handle(cli.stdout.strip())
+        for handle in (own, changed, refused):
+            with pytest.raises(TaskFailed) as failed:
+                await handle.result(timeout=20)
+            assert (failed.value.error_type, failed.value.message) == ("Declined", "card declined")
+
+    assert _types(app, own.id) == ["submitted", "started", "dead_lettered"]  # the task's policy: not retried
+    assert _types(app, refused.id) == ["submitted", "started", "dead_lettered"]  # dont_retry_on wins
+    assert _types(app, changed.id) == ["submitted", "started", "retry_scheduled", "started", "retry_scheduled",
+                                       "started", "dead_lettered"]
+    events = app.history(changed.id)
+    retries = [e for e in events if isinstance(e, TaskRetryScheduled)]
+    delays = [(e.due_at - e.timestamp).total_seconds() for e in retries]
+    assert delays == pytest.approx([0.2, 0.3], abs=1e-5)  # 0.2 * 1.5 ** (n - 1), no jitter
+    starts = [e for e in events if isinstance(e, TaskStarted)]
+    for retry_event, start in zip(retries, starts[1:], strict=True):
+        assert start.timestamp >= retry_event.due_at
+    dead = events[-1]
+    assert isinstance(dead, TaskDeadLettered)
+    assert (dead.error_type, dead.message, starts[-1].attempt) == ("Declined", "card declined", 3)
+    assert app.get_task(changed.id).status is TaskStatus.DEAD_LETTERED
 
 
 async def test_a_replayed_dead_letter_runs_again_with_its_provenance(

@@ -59,6 +59,11 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "max_attempts": st.none() | st.integers(1, 1000),
     "time_limit": st.none() | st.floats(0.001, 1e6),
     "soft_time_limit": st.none() | st.floats(0.001, 1e6),
+    "retry": st.none() | st.fixed_dictionaries({}, optional={
+        "backoff": st.floats(0, 604800), "factor": st.floats(1, 100), "backoff_max": st.floats(0, 604800),
+        "jitter": st.booleans(),
+        "retry_on": st.lists(st.sampled_from(["builtins.OSError", "myapp.errors.Throttled"]), unique=True),
+        "dont_retry_on": st.lists(st.sampled_from(["builtins.KeyError", "myapp.errors.Fatal"]), unique=True)}),
     "due_at": st.none() | st.datetimes(timezones=st.just(UTC)),
     "depends_on": st.lists(st.uuids(), max_size=3),
     "receives": st.sampled_from([None, "result", "results"]),

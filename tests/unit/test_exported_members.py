@@ -17,6 +17,7 @@ EXPORTED = {
         "DomainError",
         "Middleware",
         "Retry",
+        "RetryOverride",
         "RetryPolicy",
         "SerializationError",
         "Settings",
