@@ -76,6 +76,8 @@ EXPORTED = {
         "TaskStatus",
         "TaskSubmitted",
         "TaskSucceeded",
+        "WorkflowCancelled",
+        "WorkflowSubmitted",
         "event_id",
         "evolve",
         "replay",
