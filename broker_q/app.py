@@ -316,7 +316,7 @@ class App:
         check_json(args_list, "args")  # refused here, not in the worker later
         check_json(kwargs_dict, "kwargs")
         if definition is not None:
-            definition.check_arguments(args_list, kwargs_dict)
+            definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
         task_id = task_id_for(tenant, idempotency_key)
         return submit(
@@ -574,10 +574,11 @@ class TaskDefinition(Generic[P, R]):
         """The async form of :meth:`delay`."""
         return await self.app.submit_async(self.name, args, kwargs)
 
-    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any], *, received: bool = False) -> None:
         """Refuse arguments that the handler cannot take: their number, names or types
-        (:class:`ValidationError` naming the parameter and the type it expects)."""
-        self.parameters.check(args, kwargs)
+        (:class:`ValidationError` naming the parameter and the type it expects). ``received``: its
+        parents' results will come first (:meth:`Parameters.check <broker_q.arguments.Parameters.check>`)."""
+        self.parameters.check(args, kwargs, received=received)
 
 
 class TaskHandle(Generic[R]):
