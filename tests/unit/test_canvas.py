@@ -14,6 +14,7 @@ from broker_q.canvas import compile_workflow
 from broker_q.domain.events import TaskSubmitted, WorkflowCancelled, WorkflowSubmitted, event_id
 from broker_q.domain.workflow import WorkflowOutcome
 from broker_q.errors import DomainError, TaskNotFound, ValidationError
+from projections.views import summary
 
 
 @pytest.fixture
@@ -174,6 +175,7 @@ def test_a_workflow_is_one_append_of_its_own_event_and_every_step_s_submitted(ap
     assert submitted[ids["total#1"]].receives == "result"
     assert app.get_task(ids["extract"]).status is TaskStatus.READY
     assert app.get_task(ids["total#3"]).status is TaskStatus.BLOCKED
+    assert summary(head) == "workflow of 4 step(s) submitted"  # its line in the audit log
 
 
 async def test_a_workflow_submitted_from_a_coroutine_is_one_append_too(app: App) -> None:
@@ -225,6 +227,7 @@ def test_cancelling_a_workflow_cancels_every_step_and_a_second_cancel_is_refused
                                                                       "wrong source")
     assert {step.cancel_reason for step in status.steps} == {"workflow cancelled: wrong source"}
     assert [e.TYPE for e in app.history(handle.id)] == ["workflow_submitted", "workflow_cancelled"]
+    assert summary(app.history(handle.id)[1]) == "workflow cancelled: wrong source"
     with pytest.raises(DomainError, match="cancelled already"):
         app.cancel_workflow(handle.id, reason="again")
     from broker_q import TaskCancelled
