@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition, TaskHandle
+    from broker_q.canvas import Signature, chain, chord, dag, group
     from broker_q.domain.retry import Retry, RetryOverride, RetryPolicy
     from broker_q.domain.task import TaskState, TaskStatus
     from broker_q.errors import (
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from broker_q.middleware import Middleware
     from broker_q.settings import Settings
     from broker_q.threads import cancelled
+    from broker_q.workflows import WorkflowHandle
 
 __all__ = [
     "App",
@@ -47,6 +49,7 @@ __all__ = [
     "RetryPolicy",
     "SerializationError",
     "Settings",
+    "Signature",
     "SoftTimeLimitExceeded",
     "StoreError",
     "StoreUnavailable",
@@ -60,7 +63,12 @@ __all__ = [
     "TimeLimitExceeded",
     "UnknownTask",
     "ValidationError",
+    "WorkflowHandle",
     "cancelled",
+    "chain",
+    "chord",
+    "dag",
+    "group",
 ]
 
 # Importing the package imports nothing else: ``import broker_q.domain`` must not pull in the store,
@@ -80,6 +88,12 @@ _WHERE = {
     "TaskStatus": "broker_q.domain.task",
     "Settings": "broker_q.settings",
     "cancelled": "broker_q.threads",
+    "Signature": "broker_q.canvas",
+    "chain": "broker_q.canvas",
+    "chord": "broker_q.canvas",
+    "dag": "broker_q.canvas",
+    "group": "broker_q.canvas",
+    "WorkflowHandle": "broker_q.workflows",
 }
 
 

@@ -17,11 +17,23 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeAlias, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    NamedTuple,
+    ParamSpec,
+    TypeAlias,
+    TypeVar,
+    overload,
+)
 
 import pydantic
 
 from broker_q.arguments import Parameters
+from broker_q.canvas import Canvas, Signature
 from broker_q.codec import check_json
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
@@ -55,9 +67,14 @@ from broker_q.store.eventsourcing import open_store
 from broker_q.store.port import EventStore
 from broker_q.store.writer import GroupCommitWriter
 
+if TYPE_CHECKING:
+    from broker_q.domain.workflow import WorkflowStatus
+    from broker_q.workflows import WorkflowHandle
+
 __all__ = ["App", "TaskDefinition", "TaskHandle"]
 
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
 
 
@@ -316,7 +333,7 @@ class App:
         check_json(args_list, "args")  # refused here, not in the worker later
         check_json(kwargs_dict, "kwargs")
         if definition is not None:
-            definition.check_arguments(args_list, kwargs_dict)
+            definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
         task_id = task_id_for(tenant, idempotency_key)
         return submit(
@@ -478,6 +495,45 @@ class App:
         )
         return schedules.save(name, checked, actor=actor)
 
+    # -- workflows ----------------------------------------------------------------------------
+
+    def signature(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                  **options: Any) -> Signature[Any]:
+        """A signature of the task ``name``, registered here or not (``add.s(...)`` for a registered
+        one); ``options`` as :meth:`Signature.set <broker_q.canvas.Signature.set>` takes them."""
+        return Signature(self, name, args, kwargs).set(**options)
+
+    def submit_workflow(self, workflow: Canvas, *, tenant: str | None = None) -> WorkflowHandle:
+        """Record ``workflow`` (a signature, chain, group, chord or DAG) and every step of it, in one
+        transaction, and return its handle. A bad graph records nothing (:mod:`broker_q.workflows`)."""
+        from broker_q.workflows import Workflows
+
+        return Workflows(self).submit(workflow, tenant=tenant)
+
+    async def submit_workflow_async(self, workflow: Canvas, *, tenant: str | None = None) -> WorkflowHandle:
+        """The async form of :meth:`submit_workflow`."""
+        from broker_q.workflows import Workflows
+
+        return await Workflows(self).submit_async(workflow, tenant=tenant)
+
+    def workflow(self, workflow_id: uuid.UUID | str) -> WorkflowStatus:
+        """Each step's state, what blocks each blocked step, and the workflow's critical path."""
+        from broker_q.workflows import Workflows
+
+        return Workflows(self).status(workflow_id)
+
+    def cancel_workflow(self, workflow_id: uuid.UUID | str, *, reason: str = "cancelled",
+                        actor: str | None = None) -> WorkflowStatus:
+        """Cancel the workflow and every step of it that is not final; running steps are asked to stop."""
+        from broker_q.workflows import Workflows
+
+        return Workflows(self).cancel(workflow_id, reason=reason, actor=actor)
+
+    def workflow_handle(self, workflow_id: uuid.UUID | str) -> WorkflowHandle:
+        from broker_q.workflows import WorkflowHandle
+
+        return WorkflowHandle(self, _as_uuid(workflow_id))
+
     @property
     def schedules(self) -> Schedules:
         """This app's tenant's schedules, as the store holds them: ``pause``, ``resume``, ``remove``,
@@ -574,10 +630,29 @@ class TaskDefinition(Generic[P, R]):
         """The async form of :meth:`delay`."""
         return await self.app.submit_async(self.name, args, kwargs)
 
-    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any], *, received: bool = False) -> None:
         """Refuse arguments that the handler cannot take: their number, names or types
-        (:class:`ValidationError` naming the parameter and the type it expects)."""
-        self.parameters.check(args, kwargs)
+        (:class:`ValidationError` naming the parameter and the type it expects). ``received``: its
+        parents' results will come first (:meth:`Parameters.check <broker_q.arguments.Parameters.check>`)."""
+        self.parameters.check(args, kwargs, received=received)
+
+    # -- workflows (broker_q.canvas) --
+
+    @overload
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]: ...
+
+    @overload
+    def s(self: TaskDefinition[Concatenate[Any, P2], R], *args: P2.args, **kwargs: P2.kwargs) -> Signature[R]: ...
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this task, a step of a workflow (:mod:`broker_q.canvas`). In a chain or
+        after a group it receives the result(s) before it as its first argument: give every argument
+        or all but that first one (both are type-checked). Options: ``.s(...).set(queue=...)``."""
+        return Signature(self.app, self.name, args, kwargs)
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """An immutable signature: the step waits for what comes before it but receives no result."""
+        return Signature(self.app, self.name, args, kwargs, receives=None)
 
 
 class TaskHandle(Generic[R]):

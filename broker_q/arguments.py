@@ -30,6 +30,8 @@ from broker_q.errors import ConfigurationError, SerializationError, ValidationEr
 __all__ = ["Parameters"]
 
 _ANYTHING = (inspect.Parameter.empty, Any, object)
+_RECEIVED = object()
+"""Stands for the parents' results that a task receives in front of its arguments (``check(received=True)``)."""
 _VARIADIC = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
 _POSITIONAL = {inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD}
 # typing_extensions' TypedDict: pydantic refuses typing's before Python 3.12. Any: its fields are made at run time.
@@ -67,9 +69,33 @@ class Parameters:
                 raise ConfigurationError(f"task {self.task}: a type hint of its handler cannot be resolved: {e}; "
                                          "define the type at the top level of the handler's module") from e
 
-    def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Refuse arguments that the handler cannot take (:class:`ValidationError`)."""
-        self.values(args, kwargs)
+    def check(self, args: Sequence[Any], kwargs: Mapping[str, Any], *, received: bool = False) -> None:
+        """Refuse arguments that the handler cannot take (:class:`ValidationError`).
+
+        ``received``: the task receives its parents' results in front of ``args`` when it is
+        released (a step of a workflow). They are not known yet: the arguments must leave room for
+        them, and only the arguments given are validated.
+        """
+        if not received:
+            self.values(args, kwargs)
+            return
+        try:
+            bound = self.signature.bind(_RECEIVED, *args, **kwargs)
+        except TypeError as e:
+            raise ValidationError(f"arguments do not fit {self.task}{self.signature} after the parents' results "
+                                  f"that come first: {e}") from e
+        given: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if value is _RECEIVED:
+                continue
+            if isinstance(value, tuple) and value and value[0] is _RECEIVED:  # *args, whose first is received
+                value = value[1:]
+            given[name] = value
+        if not self._built:
+            self.prepare()
+        typed = {name: value for name, value in given.items() if name in self._types}
+        if self._adapter is not None and typed:
+            self._validated(typed)
 
     def values(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """The positional and keyword arguments to call the handler with, validated; or :class:`ValidationError`."""
@@ -84,17 +110,22 @@ class Parameters:
         given = {name: value for name, value in bound.arguments.items() if name in self._types}
         if not given:
             return list(args), dict(kwargs)
-        try:
-            valid = self._adapter.validate_json(pydantic_core.to_json(given))
-        except pydantic_core.PydanticSerializationError as e:
-            raise SerializationError(f"arguments of {self.task} are not JSON: {e}") from e
-        except pydantic.ValidationError as e:
-            raise ValidationError(f"arguments do not fit {self.task}{self.signature}: {self._reason(e)}") from None
+        valid = self._validated(given)
         if self._positional is not None:  # the arguments are where they were: spare BoundArguments' rebuild
             return ([valid.get(name, value) for name, value in zip(self._positional, args, strict=False)],
                     {name: valid.get(name, value) for name, value in kwargs.items()})
         bound.arguments.update(valid)
         return list(bound.args), bound.kwargs
+
+    def _validated(self, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` (bound arguments of annotated parameters, by name) validated against their type hints."""
+        assert self._adapter is not None
+        try:
+            return self._adapter.validate_json(pydantic_core.to_json(given))
+        except pydantic_core.PydanticSerializationError as e:
+            raise SerializationError(f"arguments of {self.task} are not JSON: {e}") from e
+        except pydantic.ValidationError as e:
+            raise ValidationError(f"arguments do not fit {self.task}{self.signature}: {self._reason(e)}") from None
 
     def _build(self) -> None:
         fields: dict[str, Any] = {}

@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from broker_q.breakers import add_commands as add_breaker_commands
     from broker_q.schedules import add_commands as add_schedule_commands
+    from broker_q.workflows import add_commands as add_workflow_commands
     from projections.cli import add_commands
     from projections.commands import add_view_commands
 
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     add_view_commands(commands, _serve)
     add_breaker_commands(commands)
     add_schedule_commands(commands, _serve)
+    add_workflow_commands(commands)
     return parser
 
 

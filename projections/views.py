@@ -37,6 +37,8 @@ from broker_q.domain.events import (
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    WorkflowCancelled,
+    WorkflowSubmitted,
 )
 from broker_q.store.port import Recorded
 from projections.database import Cursor
@@ -325,6 +327,10 @@ def summary(event: Any) -> str:
             return f"breaker {event.service} {'forced ' if event.forced else ''}closed: {event.reason}"[:500]
         case IngressRejected():
             return f"refused a message for queue {event.queue!r}: {event.reason}"[:500]
+        case WorkflowSubmitted():
+            return f"workflow of {len(event.steps)} step(s) submitted"
+        case WorkflowCancelled():
+            return f"workflow cancelled: {event.reason}"[:500]
     return str(event.TYPE)
 
 

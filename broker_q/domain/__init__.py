@@ -1,4 +1,5 @@
-"""The domain of broker_q: events, the task state machine, retry policies, circuit breakers and schedules.
+"""The domain of broker_q: events, the task state machine, retry policies, circuit breakers, schedules and
+workflow graphs.
 It performs no I/O and reads no clock."""
 
 from broker_q.domain.events import (
@@ -27,6 +28,8 @@ from broker_q.domain.events import (
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    WorkflowCancelled,
+    WorkflowSubmitted,
     event_id,
 )
 from broker_q.domain.task import FINAL_STATES, MAX_PRIORITY, TaskState, TaskStatus, evolve, replay
@@ -61,6 +64,8 @@ __all__ = [
     "TaskStatus",
     "TaskSubmitted",
     "TaskSucceeded",
+    "WorkflowCancelled",
+    "WorkflowSubmitted",
     "event_id",
     "evolve",
     "replay",

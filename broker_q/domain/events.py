@@ -53,6 +53,9 @@ __all__ = [
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
+    "WorkflowCancelled",
+    "WorkflowEvent",
+    "WorkflowSubmitted",
     "event_id",
 ]
 
@@ -400,12 +403,44 @@ class ScheduleIndexed(Event):
     """The ``TYPE`` of the schedule's event at ``schedule_version``."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkflowEvent(Event):
+    """An event of a workflow's stream: one stream per workflow (a random id), in the workflow's tenant."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkflowSubmitted(WorkflowEvent):
+    """A workflow was recorded, in one transaction with the ``submitted`` of every one of its steps.
+
+    ``steps`` are in an order where every step comes after its parents: each is a JSON object
+    ``{"name": ..., "task_id": ..., "task": ..., "parents": [names]}`` (``task_id`` as UUID text).
+    ``returns`` names the step whose result is the workflow's result, or (a list) the steps whose
+    results, in that order, make the list that is.
+    """
+
+    TOPIC = "broker_q.workflow.submitted"
+    TYPE = "workflow_submitted"
+
+    steps: list[dict[str, Any]]
+    returns: str | list[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkflowCancelled(WorkflowEvent):
+    """The workflow was cancelled: every step of it not final by then is cancelled after this event."""
+
+    TOPIC = "broker_q.workflow.cancelled"
+    TYPE = "workflow_cancelled"
+
+    reason: str
+
+
 TOPICS: dict[str, type[Event]] = {
     cls.TOPIC: cls
     for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskRetryScheduled, TaskDeadLettered, TaskDeferred,
                 TaskReplayed, TaskCancelled, TaskReleased, IngressRejected, BreakerFailureRecorded, BreakerOpened,
                 BreakerProbeStarted, BreakerClosed,
                 ScheduleCreated, ScheduleChanged, SchedulePaused, ScheduleResumed, ScheduleRemoved, ScheduleFired,
-                ScheduleIndexed)
+                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled)
 }
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

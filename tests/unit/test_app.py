@@ -155,6 +155,27 @@ def test_variadic_parameters_are_validated_item_by_item(app: App) -> None:
     assert app.store.max_position() == 0
 
 
+def test_a_task_that_receives_its_parents_results_is_checked_with_room_for_them_in_front(app: App) -> None:
+    @app.task(name="scale")
+    def scale(values: list[int], factor: int, *, label: str = "") -> list[int]:
+        return [v * factor for v in values]
+
+    @app.task(name="total")
+    def total(*amounts: int) -> int:
+        return sum(amounts)
+
+    scale.check_arguments([3], {"label": "x"}, received=True)  # the results come first, as ``values``
+    with pytest.raises(ValidationError, match="after the parents' results"):
+        scale.check_arguments([[1], 3], {}, received=True)  # one argument too many once they are in front
+    with pytest.raises(ValidationError, match="argument 'factor' must be int"):
+        scale.check_arguments(["three"], {}, received=True)
+    total.check_arguments([1, 2], {}, received=True)
+    with pytest.raises(ValidationError, match=r"argument 'amounts' at amounts\[0\] must be int"):
+        total.check_arguments(["x"], {}, received=True)  # the first of *amounts given, after the received one
+    with pytest.raises(ValidationError):
+        scale.check_arguments([3], {}, received=False)  # without them, 'factor' is missing
+
+
 def test_a_replay_with_arguments_of_the_wrong_types_is_refused(app: App) -> None:
     @app.task(name="math.double")
     def double(x: int) -> int:

@@ -81,6 +81,10 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "schedule_tenant": st.text(),
     "schedule_version": st.integers(1, 2**31),
     "change": st.text(),
+    "steps": st.lists(st.fixed_dictionaries({
+        "name": st.text(), "task_id": st.uuids().map(str), "task": st.text(),
+        "parents": st.lists(st.text(), max_size=3)}), max_size=4),
+    "returns": st.text() | st.lists(st.text(), max_size=4),
 }
 
 
@@ -99,7 +103,7 @@ def test_every_field_of_every_event_class_has_a_strategy() -> None:
 
 
 def test_every_topic_names_its_own_class() -> None:
-    assert len(TOPICS) == 21
+    assert len(TOPICS) == 23
     for topic, cls in TOPICS.items():
         assert topic == cls.TOPIC
     assert len({cls.TYPE for cls in TOPICS.values()}) == len(TOPICS)
