@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from broker_q.domain.workflow import WorkflowStatus
     from broker_q.workflows import WorkflowHandle
 
-__all__ = ["App", "TaskDefinition", "TaskHandle"]
+__all__ = ["App", "TaskDefinition", "TaskHandle", "TaskOptions"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -630,6 +630,19 @@ class TaskDefinition(Generic[P, R]):
         """The async form of :meth:`delay`."""
         return await self.app.submit_async(self.name, args, kwargs)
 
+    def options(self, **options: Any) -> TaskOptions[P, R]:
+        """This task with submit options: ``add.options(countdown=30, priority=9).delay(1, 2)``.
+
+        The options are :meth:`App.submit`'s: ``queue``, ``priority``, ``eta``, ``countdown``,
+        ``depends_on``, ``idempotency_key``, ``tenant``, ``correlation_id``, ``max_attempts``,
+        ``time_limit``, ``soft_time_limit``, ``retry``.
+        """
+        unknown = options.keys() - _SUBMIT_OPTIONS
+        if unknown:
+            raise ValidationError(f"unknown submit option(s) {', '.join(sorted(unknown))}: the options are "
+                                  f"{', '.join(sorted(_SUBMIT_OPTIONS))}")
+        return TaskOptions(self, options)
+
     def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any], *, received: bool = False) -> None:
         """Refuse arguments that the handler cannot take: their number, names or types
         (:class:`ValidationError` naming the parameter and the type it expects). ``received``: its
@@ -653,6 +666,26 @@ class TaskDefinition(Generic[P, R]):
     def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
         """An immutable signature: the step waits for what comes before it but receives no result."""
         return Signature(self.app, self.name, args, kwargs, receives=None)
+
+
+_SUBMIT_OPTIONS = frozenset({"queue", "priority", "eta", "countdown", "depends_on", "idempotency_key", "tenant",
+                             "correlation_id", "max_attempts", "time_limit", "soft_time_limit", "retry"})
+
+
+class TaskOptions(Generic[P, R]):
+    """A task with submit options (:meth:`TaskDefinition.options`), ready to be submitted."""
+
+    def __init__(self, definition: TaskDefinition[P, R], options: dict[str, Any]) -> None:
+        self.definition = definition
+        self.options = options
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Record the task with these arguments and the options (blocks until recorded)."""
+        return self.definition.app.submit(self.definition.name, args, kwargs, **self.options)
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """The async form of :meth:`delay`."""
+        return await self.definition.app.submit_async(self.definition.name, args, kwargs, **self.options)
 
 
 class TaskHandle(Generic[R]):

@@ -392,3 +392,21 @@ def test_the_id_of_a_refused_message_is_not_a_task(app: App) -> None:
         sha256=hashlib.sha256(b"x").hexdigest())])
     with pytest.raises(TaskNotFound, match="is not a task"):
         app.get_task(stream)
+
+
+def test_submit_options_travel_with_delay_and_unknown_ones_are_refused(app: App) -> None:
+    @app.task(name="opt.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    first = add.delay(1, 2)
+    handle = add.options(countdown=30, priority=9, depends_on=[first]).delay(3, 4)
+    state = handle.state()
+    assert state.status is TaskStatus.BLOCKED
+    assert state.priority == 9
+    assert state.args == [3, 4]
+    assert state.depends_on == (first.id,)
+    assert state.due_at is not None
+    assert 29 < (state.due_at - state.submitted_at).total_seconds() <= 30
+    with pytest.raises(ValidationError, match=r"unknown submit option.*countdwn"):
+        add.options(countdwn=3)
