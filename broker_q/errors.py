@@ -15,6 +15,10 @@ leak past it::
     │   ├── ConcurrencyConflict   the expected stream version was taken: someone else wrote first
     │   └── StoreUnavailable      the event store cannot be reached now; the call may be retried
     ├── BrokerUnavailable         RabbitMQ cannot be reached now
+    ├── DecryptionError           a sealed payload cannot be opened (names the key id, never the plaintext)
+    │   ├── PayloadCorrupted      the sealed value was altered, truncated, or moved to another task
+    │   ├── UnknownKey            no key has the key id the sealed value names
+    │   └── KeysShredded          the tenant's keys were shredded: its payloads are gone for good
     ├── TaskFailed                raised by ``TaskHandle.wait`` when the task ended in failure
     │   └── TaskCancelled
     ├── (in ``broker_q.limits``, raised inside or for a handler)
@@ -31,13 +35,17 @@ __all__ = [
     "BrokerUnavailable",
     "ConcurrencyConflict",
     "ConfigurationError",
+    "DecryptionError",
     "DomainError",
+    "KeysShredded",
+    "PayloadCorrupted",
     "SerializationError",
     "StoreError",
     "StoreUnavailable",
     "TaskCancelled",
     "TaskFailed",
     "TaskNotFound",
+    "UnknownKey",
     "UnknownTask",
     "ValidationError",
 ]
@@ -85,6 +93,30 @@ class StoreUnavailable(StoreError):
 
 class BrokerUnavailable(BrokerQError):
     """RabbitMQ cannot be reached now."""
+
+
+class DecryptionError(BrokerQError):
+    """A sealed payload cannot be opened. The message names the key id; it never holds plaintext."""
+
+    def __init__(self, message: str, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
+class PayloadCorrupted(DecryptionError):
+    """The sealed value is malformed, was altered, or belongs to another tenant or task."""
+
+
+class UnknownKey(DecryptionError):
+    """No key of the tenant has the key id that the sealed value names."""
+
+
+class KeysShredded(DecryptionError):
+    """The tenant's keys were shredded: what was sealed under them can never be opened again."""
+
+    def __init__(self, tenant: str, key_id: str | None = None) -> None:
+        super().__init__(f"keys of tenant {tenant!r} were shredded: its payloads cannot be decrypted", key_id)
+        self.tenant = tenant
 
 
 class TaskFailed(BrokerQError):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import base64
+import binascii
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -11,7 +15,8 @@ __all__ = ["Settings"]
 class Settings(BaseSettings):
     """Everything broker_q can be told. Code below the edge receives these values, never ``os.environ``."""
 
-    model_config = SettingsConfigDict(env_prefix="BROKER_Q_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a malformed master key must not be echoed into logs by its error.
+    model_config = SettingsConfigDict(env_prefix="BROKER_Q_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     store: str = Field(default="sqlite:///broker_q.sqlite",
                        description="Event store URL: sqlite:///path, postgresql://user@host/db, memory://")
@@ -32,4 +37,31 @@ class Settings(BaseSettings):
         default=None, ge=0,
         description="Threads of sync handlers that ran on past their hard limit or cancellation that a worker "
                     "replaces; one more and it stops, for its supervisor to restart it. Defaults to the concurrency")
+    encryption: bool = Field(
+        default=True,
+        description="Encrypt task arguments and results per tenant (AES-GCM); metadata stays readable")
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="Base64 of the 32-byte key that wraps the tenants' data keys. With neither this nor "
+                    "master_key_file, an SQLite store makes <db>.master.key beside itself (back it up)")
+    master_key_file: Path | None = Field(default=None, description="A file holding the master key as base64")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds SIGTERM waits for running tasks")
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = "".join(value.get_secret_value().split()).replace("-", "+").replace("_", "/")
+            try:
+                key = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("master_key must be base64 of 32 bytes") from None
+            if len(key) != 32:
+                raise ValueError(f"master_key must be base64 of 32 bytes, not {len(key)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_master_key(self) -> Settings:
+        if self.master_key is not None and self.master_key_file is not None:
+            raise ValueError("give master_key or master_key_file, not both")
+        return self
