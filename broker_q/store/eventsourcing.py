@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -33,7 +33,9 @@ from eventsourcing.utils import Environment
 from broker_q.codec import decode_event, encode_event
 from broker_q.domain.events import Event
 from broker_q.errors import BrokerQError, ConcurrencyConflict, ConfigurationError, StoreError, StoreUnavailable
+from broker_q.master_key import MasterKey
 from broker_q.store.dependencies import Dependencies, MemoryDependencies, SQLDependencies
+from broker_q.store.keys import Keyring, KeyTable, MemoryKeyTable, SQLKeyTable
 from broker_q.store.port import AppendResult, Recorded
 from broker_q.store.setup import SETUP_LOCK
 from broker_q.store.timers import MemoryTimers, SQLTimers, Timer, Timers
@@ -90,8 +92,13 @@ def store_environment(url: str) -> dict[str, str]:
     raise ConfigurationError(f"unsupported store URL {url!r}: use memory://, sqlite:///path or postgresql://...")
 
 
-def open_store(url: str) -> RecorderEventStore:
-    """Open (and create if needed) the store at ``url``."""
+def open_store(url: str, *, master_key: MasterKey | None = None) -> RecorderEventStore:
+    """Open (and create if needed) the store at ``url``.
+
+    ``master_key`` wraps the tenants' data keys (:attr:`RecorderEventStore.keys`). Without one, a
+    ``memory://`` store makes a random one for its lifetime, an SQLite store uses (and on first use
+    makes) ``<db>.master.key`` beside its file, and a PostgreSQL store refuses to hand out keys.
+    """
     env = store_environment(url)
     postgres = env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
     with _setting_up(env) if postgres else contextlib.nullcontext(), _translated():
@@ -102,7 +109,19 @@ def open_store(url: str) -> RecorderEventStore:
         from broker_q.store.notify import CommitSignal
 
         signal = CommitSignal(env["SQLITE_DBNAME"])
-    return RecorderEventStore(factory, recorder, signal)
+    return RecorderEventStore(factory, recorder, signal, master_key=lambda: _master_key(env, master_key))
+
+
+def _master_key(env: dict[str, str], given: MasterKey | None) -> MasterKey:
+    if given is not None:
+        return given
+    module = env["PERSISTENCE_MODULE"]
+    if module == "eventsourcing.popo":
+        return MasterKey.generate()
+    if module == "eventsourcing.sqlite":
+        return MasterKey.at(env["SQLITE_DBNAME"] + ".master.key")
+    raise ConfigurationError("a PostgreSQL store needs a master key: set BROKER_Q_MASTER_KEY (base64 of 32 bytes) "
+                             "or BROKER_Q_MASTER_KEY_FILE")
 
 
 @contextmanager
@@ -152,6 +171,8 @@ class RecorderEventStore:
         factory: InfrastructureFactory[Any],
         recorder: ProcessRecorder,
         commit_signal: CommitSignal | None = None,
+        *,
+        master_key: Callable[[], MasterKey] = MasterKey.generate,
     ) -> None:
         self._factory = factory  # keeps the connection pool alive as long as the store
         self._recorder = recorder
@@ -159,6 +180,9 @@ class RecorderEventStore:
         """Tells followers of an SQLite store that a transaction committed (see broker_q.store.notify)."""
         self._timers: Timers | None = None
         self._dependencies: Dependencies | None = None
+        self._keys: Keyring | None = None
+        self._master_key = master_key
+        """Called on the first use of a key only: a store that never seals makes no key file."""
         self._timers_lock = threading.Lock()
 
     @property
@@ -194,6 +218,24 @@ class RecorderEventStore:
                         self._dependencies = _Translated(
                             SQLDependencies(datastore.transaction, "sqlite", "brokerq_dependencies"))
             return self._dependencies
+
+    @property
+    def keys(self) -> Keyring:
+        """The tenants' data keys, wrapped under the master key, in the same database as the events
+        (:mod:`broker_q.store.keys`)."""
+        with self._timers_lock:
+            if self._keys is None:
+                datastore = getattr(self._recorder, "datastore", None)
+                table: KeyTable
+                with _translated():
+                    if datastore is None:
+                        table = MemoryKeyTable()
+                    elif hasattr(datastore, "schema"):
+                        table = _Translated(SQLKeyTable(datastore, "postgres", f"{datastore.schema}.brokerq_keys"))
+                    else:
+                        table = _Translated(SQLKeyTable(datastore, "sqlite", "brokerq_keys"))
+                self._keys = Keyring(table, self._master_key)
+            return self._keys
 
     def append(self, events: Sequence[Event]) -> list[int]:
         return self._insert([StoredEvent(e.stream_id, e.version, e.TOPIC, encode_event(e)) for e in events])

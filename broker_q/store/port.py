@@ -9,7 +9,8 @@ Guarantees every adapter keeps (``tests/integration/test_store_contract.py`` pro
   never misses an event that commits later.
 - ``set_position``/``get_position`` keep a named reader's position (the relay's, a projection's).
 - ``timers`` keeps the scheduler's timers beside the events (:mod:`broker_q.store.timers`), and
-  ``dependencies`` the coordinator's edges (:mod:`broker_q.store.dependencies`).
+  ``dependencies`` the coordinator's edges (:mod:`broker_q.store.dependencies`), and ``keys`` the
+  tenants' wrapped data keys (:mod:`broker_q.store.keys`).
 - An unreachable database raises :class:`~broker_q.errors.StoreUnavailable`, which may be retried.
 """
 
@@ -22,6 +23,7 @@ from typing import Protocol
 
 from broker_q.domain.events import Event
 from broker_q.store.dependencies import Dependencies
+from broker_q.store.keys import Keyring
 from broker_q.store.timers import Timers
 
 __all__ = ["AppendResult", "EventStore", "Recorded"]
@@ -88,6 +90,11 @@ class EventStore(Protocol):
     @property
     def dependencies(self) -> Dependencies:
         """The coordinator's dependency edges, kept in the same database as the events."""
+        ...
+
+    @property
+    def keys(self) -> Keyring:
+        """The tenants' data keys, wrapped under the master key, in the same database as the events."""
         ...
 
     def close(self) -> None: ...
