@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, Protocol
 
-from broker_q.store.setup import SETUP_LOCK
+from broker_q.store.setup import OwnTable, row_values
 
 __all__ = ["Dependencies", "MemoryDependencies", "SQLDependencies"]
 
@@ -90,28 +89,16 @@ class MemoryDependencies:
             return bool(self._edges)
 
 
-class SQLDependencies:
+class SQLDependencies(OwnTable):
     """Edges in a table of the store's SQLite file or PostgreSQL schema (``brokerq_dependencies``)."""
 
     def __init__(self, transaction: Any, dialect: str, table: str) -> None:
-        self._transaction = transaction
-        self._postgres = dialect == "postgres"
-        self._table = table
         index = table.rsplit(".", 1)[-1]
-        with self._cursor(commit=True) as cursor:
-            if self._postgres:  # CREATE ... IF NOT EXISTS is not safe against itself on PostgreSQL
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK,))
-            cursor.execute(f"CREATE TABLE IF NOT EXISTS {table} (parent TEXT NOT NULL, child TEXT NOT NULL, "
-                           "done INTEGER NOT NULL, PRIMARY KEY (parent, child))")
-            cursor.execute(f"CREATE INDEX IF NOT EXISTS {index}_by_child ON {table} (child, done)")
-
-    @contextmanager
-    def _cursor(self, *, commit: bool) -> Iterator[Any]:
-        with self._transaction(commit=commit) as cursor:
-            yield cursor
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self._postgres else sql
+        super().__init__(transaction, dialect, table, [
+            f"CREATE TABLE IF NOT EXISTS {table} (parent TEXT NOT NULL, child TEXT NOT NULL, "
+            "done INTEGER NOT NULL, PRIMARY KEY (parent, child))",
+            f"CREATE INDEX IF NOT EXISTS {index}_by_child ON {table} (child, done)",
+        ])
 
     def add(self, edges: Sequence[tuple[str, str, bool]]) -> None:
         if not edges:
@@ -129,7 +116,7 @@ class SQLDependencies:
             for chunk in _chunks(parents):
                 cursor.execute(self._sql(f"SELECT parent, child FROM {self._table} WHERE parent IN "
                                          f"({', '.join('?' * len(chunk))})"), chunk)
-                found += [_pair(row) for row in cursor.fetchall()]
+                found += [row_values(row) for row in cursor.fetchall()]
         return sorted(found)
 
     def mark_done(self, parents: Sequence[str]) -> None:
@@ -145,7 +132,7 @@ class SQLDependencies:
             for chunk in _chunks(children):
                 cursor.execute(self._sql(f"SELECT child, COUNT(*) AS n FROM {self._table} WHERE done = 0 AND child IN "
                                          f"({', '.join('?' * len(chunk))}) GROUP BY child"), chunk)
-                counts.update(_pair(row) for row in cursor.fetchall())
+                counts.update(row_values(row) for row in cursor.fetchall())
         return counts
 
     def remove_children(self, children: Sequence[str]) -> None:
@@ -158,13 +145,9 @@ class SQLDependencies:
         with self._cursor(commit=False) as cursor:
             cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {self._table}) AS found")
             row = cursor.fetchone()
-        return bool(_pair(row)[0])
+        return bool(row_values(row)[0])
 
 
 def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:
     for start in range(0, len(values), size):
         yield list(values[start:start + size])
-
-
-def _pair(row: Any) -> Any:
-    return tuple(row.values()) if isinstance(row, dict) else tuple(row)

@@ -19,8 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from broker_q.crypto import KEY_BYTES, NONCE_BYTES, associated_data, open_sealed, seal
 from broker_q.errors import ConfigurationError, KeysShredded, UnknownKey
 from broker_q.master_key import MasterKey
-from broker_q.store.setup import SETUP_LOCK
+from broker_q.store.setup import OwnTable, row_values
 
 __all__ = ["DataKey", "KeyTable", "Keyring", "MemoryKeyTable", "SQLKeyTable", "WrappedKey"]
 
@@ -102,7 +101,7 @@ class MemoryKeyTable:
             self._rows.setdefault((tenant, 0), WrappedKey(tenant, 0, "-", None, now, True))
 
 
-class SQLKeyTable:
+class SQLKeyTable(OwnTable):
     """The key table in the store's SQLite file or PostgreSQL schema (``brokerq_keys``).
 
     On SQLite, shredding overwrites the freed bytes (``PRAGMA secure_delete``) and then checkpoints
@@ -113,25 +112,14 @@ class SQLKeyTable:
     """
 
     def __init__(self, datastore: Any, dialect: str, table: str) -> None:
-        self._datastore = datastore
-        self._postgres = dialect == "postgres"
-        self._table = table
-        real, blob = ("DOUBLE PRECISION", "BYTEA") if self._postgres else ("REAL", "BLOB")
-        with self._cursor(commit=True) as cursor:
-            if self._postgres:  # CREATE ... IF NOT EXISTS is not safe against itself on PostgreSQL
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK,))
-            cursor.execute(f"CREATE TABLE IF NOT EXISTS {table} (tenant TEXT NOT NULL, generation INTEGER NOT NULL, "
-                           f"key_id TEXT NOT NULL, wrapped {blob}, created_at {real} NOT NULL, "
-                           "shredded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, generation))")
-            cursor.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS brokerq_keys_by_id ON {table} (tenant, key_id)")
-
-    @contextmanager
-    def _cursor(self, *, commit: bool) -> Iterator[Any]:
-        with self._datastore.transaction(commit=commit) as cursor:
-            yield cursor
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self._postgres else sql
+        self._datastore = datastore  # its connections too: shredding checkpoints the SQLite log
+        real, blob = ("DOUBLE PRECISION", "BYTEA") if dialect == "postgres" else ("REAL", "BLOB")
+        super().__init__(datastore.transaction, dialect, table, [
+            f"CREATE TABLE IF NOT EXISTS {table} (tenant TEXT NOT NULL, generation INTEGER NOT NULL, "
+            f"key_id TEXT NOT NULL, wrapped {blob}, created_at {real} NOT NULL, "
+            "shredded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, generation))",
+            f"CREATE UNIQUE INDEX IF NOT EXISTS brokerq_keys_by_id ON {table} (tenant, key_id)",
+        ])
 
     _COLUMNS = "tenant, generation, key_id, wrapped, created_at, shredded"
 
@@ -154,7 +142,7 @@ class SQLKeyTable:
             row = cursor.fetchone()
         if row is None:
             return None
-        tenant, generation, key_id, wrapped, created_at, shredded = _values(row)
+        tenant, generation, key_id, wrapped, created_at, shredded = row_values(row)
         return WrappedKey(tenant, int(generation), key_id, wrapped, float(created_at), bool(shredded))
 
     def shred(self, tenant: str, now: float) -> None:
@@ -177,7 +165,7 @@ class SQLKeyTable:
         with self._datastore.get_connection(commit=True) as connection:
             cursor = connection.cursor()
             cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            busy = _values(cursor.fetchone())[0]
+            busy = row_values(cursor.fetchone())[0]
         if busy:
             raise sqlite3.OperationalError(
                 "the keys were shredded, but a reader kept the write-ahead log from being emptied: "
@@ -298,9 +286,3 @@ class Keyring:
 def _wrapping(tenant: str, key_id: str) -> bytes:
     """Binds a wrapped key to its row: copied to another tenant or key id, it does not unwrap."""
     return json.dumps(["key", tenant, key_id], separators=(",", ":")).encode()
-
-
-def _values(row: Any) -> tuple[Any, ...]:
-    """A row as a tuple: psycopg's rows here are dicts, sqlite3's are tuples; BYTEA comes back as memoryview."""
-    values = tuple(row.values()) if isinstance(row, dict) else tuple(row)
-    return tuple(bytes(v) if isinstance(v, memoryview) else v for v in values)

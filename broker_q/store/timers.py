@@ -14,12 +14,11 @@ between the confirm and the removal) is a duplicate that workers refuse by its s
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker_q.store.setup import SETUP_LOCK
+from broker_q.store.setup import OwnTable, row_values
 
 __all__ = ["MemoryTimers", "SQLTimers", "Timer", "Timers"]
 
@@ -84,7 +83,7 @@ class MemoryTimers:
             return len(self._timers)
 
 
-class SQLTimers:
+class SQLTimers(OwnTable):
     """Timers in a table of the store's SQLite file or PostgreSQL schema (``brokerq_timers``).
 
     ``transaction`` is the store's own (``eventsourcing``'s datastore): the table lives and is
@@ -92,24 +91,12 @@ class SQLTimers:
     """
 
     def __init__(self, transaction: Any, dialect: str, table: str) -> None:
-        self._transaction = transaction
-        self._postgres = dialect == "postgres"
-        self._table = table
-        real, blob = ("DOUBLE PRECISION", "BYTEA") if self._postgres else ("REAL", "BLOB")
-        with self._cursor(commit=True) as cursor:
-            if self._postgres:  # CREATE ... IF NOT EXISTS is not safe against itself on PostgreSQL
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK,))
-            cursor.execute(f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, due {real} NOT NULL, "
-                           f"queue TEXT NOT NULL, priority INTEGER NOT NULL, body {blob} NOT NULL)")
-            cursor.execute(f"CREATE INDEX IF NOT EXISTS brokerq_timers_by_due ON {table} (due, key)")
-
-    @contextmanager
-    def _cursor(self, *, commit: bool) -> Iterator[Any]:
-        with self._transaction(commit=commit) as cursor:
-            yield cursor
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self._postgres else sql
+        real, blob = ("DOUBLE PRECISION", "BYTEA") if dialect == "postgres" else ("REAL", "BLOB")
+        super().__init__(transaction, dialect, table, [
+            f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, due {real} NOT NULL, "
+            f"queue TEXT NOT NULL, priority INTEGER NOT NULL, body {blob} NOT NULL)",
+            f"CREATE INDEX IF NOT EXISTS brokerq_timers_by_due ON {table} (due, key)",
+        ])
 
     def add(self, timers: Sequence[Timer]) -> None:
         if not timers:
@@ -126,7 +113,7 @@ class SQLTimers:
             cursor.execute(self._sql(f"SELECT key, due, queue, priority, body FROM {self._table} WHERE due <= ? "
                                      "ORDER BY due, key LIMIT ?"), (now, limit))
             rows = cursor.fetchall()
-        return [Timer(*_values(row)) for row in rows]
+        return [Timer(*row_values(row)) for row in rows]
 
     def remove(self, keys: Sequence[str]) -> None:
         if not keys:
@@ -138,17 +125,11 @@ class SQLTimers:
         with self._cursor(commit=False) as cursor:
             cursor.execute(f"SELECT MIN(due) AS due FROM {self._table}")
             row = cursor.fetchone()
-        value = _values(row)[0] if row is not None else None
+        value = row_values(row)[0] if row is not None else None
         return None if value is None else float(value)
 
     def count(self) -> int:
         with self._cursor(commit=False) as cursor:
             cursor.execute(f"SELECT COUNT(*) AS n FROM {self._table}")
             row = cursor.fetchone()
-        return int(_values(row)[0])
-
-
-def _values(row: Any) -> tuple[Any, ...]:
-    """A row as a tuple: psycopg's rows here are dicts, sqlite3's are tuples; BYTEA comes back as memoryview."""
-    values = tuple(row.values()) if isinstance(row, dict) else tuple(row)
-    return tuple(bytes(v) if isinstance(v, memoryview) else v for v in values)
+        return int(row_values(row)[0])
