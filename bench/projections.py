@@ -138,7 +138,7 @@ def in_subprocesses(kind: str, url: str, batch: int) -> dict[str, float]:
     began, ended = min(r["began"] for r in results), max(r["ended"] for r in results)
     return {"events": max(r["events"] for r in results), "seconds": ended - began,
             "peak_mib": sum(r["peak_mib"] for r in results), "peaks_mib": [r["peak_mib"] for r in results],
-            "processes": len(results)}
+            "each_seconds": [r["seconds"] for r in results], "processes": len(results)}
 
 
 def bench_store(label: str, url: str, n_events: int, runs: int, batch: int) -> list[str]:
@@ -153,9 +153,10 @@ def bench_store(label: str, url: str, n_events: int, runs: int, batch: int) -> l
             result = in_subprocesses(kind, url, batch)
             results[kind].append(result)
             peaks = " + ".join(f"{peak:.0f}" for peak in result["peaks_mib"])
+            each = " and ".join(f"{seconds:.1f}s" for seconds in result["each_seconds"])
             print(f"{label} run {run + 1} {kind}: {result['events']:,} events in {result['seconds']:.1f}s, "
-                  f"{result['events'] / result['seconds']:,.0f} events/s, {result['processes']} process(es), "
-                  f"peak {peaks} MiB", file=sys.stderr)
+                  f"{result['events'] / result['seconds']:,.0f} events/s, {result['processes']} process(es) "
+                  f"taking {each}, peak {peaks} MiB", file=sys.stderr)
     rates = {kind: [r["events"] / r["seconds"] for r in rs] for kind, rs in results.items()}
     raw = statistics.median(rates["raw"])
     rows = []
