@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,9 +183,12 @@ def main() -> None:
         return
     rows = []
     if options.sqlite_events:
-        url = f"sqlite:///{tempfile.mkdtemp(prefix='bq-bench-')}/store.sqlite"
-        rows += bench_store(f"sqlite, {options.sqlite_events:,} events", url, options.sqlite_events, options.runs,
-                            options.batch)
+        directory = tempfile.mkdtemp(prefix="bq-bench-")
+        try:
+            rows += bench_store(f"sqlite, {options.sqlite_events:,} events", f"sqlite:///{directory}/store.sqlite",
+                                options.sqlite_events, options.runs, options.batch)
+        finally:
+            shutil.rmtree(directory)  # a million events and their views: 0.8 GB
     if options.postgres_events:
         schema = f"bench_{uuid.uuid4().hex[:8]}"
         url = f"{PG_DSN}?schema={schema}"
