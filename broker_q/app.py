@@ -44,11 +44,11 @@ from broker_q.domain.task import (
     TaskStatus,
     cancel,
     check_limits,
+    client_task_id,
     evolve,
     replay,
     replay_dead_letter,
     submit,
-    task_id_for,
 )
 from broker_q.errors import (
     ConcurrencyConflict,
@@ -335,7 +335,7 @@ class App:
         if definition is not None:
             definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
-        task_id = task_id_for(tenant, idempotency_key)
+        task_id = client_task_id(tenant, idempotency_key)
         return submit(
             task_id=task_id,
             task=task,

@@ -61,6 +61,7 @@ from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, Ta
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
     TaskStatus,
+    client_task_id,
     dead_lettered_event,
     deferred_event,
     is_startable,
@@ -70,7 +71,6 @@ from broker_q.domain.task import (
     started_event,
     submit,
     succeeded_event,
-    task_id_for,
 )
 from broker_q.errors import ConcurrencyConflict, DomainError, SerializationError, StoreUnavailable, ValidationError
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
@@ -542,7 +542,7 @@ class Worker:
         priority = definition.priority if envelope.priority is None else envelope.priority
         try:
             return submit(
-                task_id=task_id_for(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
+                task_id=client_task_id(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
                 kwargs=envelope.kwargs, priority=priority,
                 tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=now,
                 correlation_id=envelope.correlation_id, idempotency_key=key,
