@@ -86,7 +86,7 @@ def _authorize(options: argparse.Namespace) -> None:
     if permission is None:
         return
     app = _app(options)
-    token = options.token or os.environ.get("BROKER_Q_TOKEN")
+    token = getattr(options, "token", None) or os.environ.get("BROKER_Q_TOKEN")
     if token:
         principal = app.access.authenticate(token)
     elif app.settings.require_token:
@@ -193,18 +193,18 @@ def _parser() -> argparse.ArgumentParser:
     add_schedule_commands(commands, _serve)
     add_workflow_commands(commands)
     add_admin_commands(commands)
-    _name_commands(parser, [])
+    name_commands(parser)
     return parser
 
 
-def _name_commands(parser: argparse.ArgumentParser, path: list[str]) -> None:
+def name_commands(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> None:
     """Give every command its path (``dlq replay``) as ``options.path``: what :data:`PERMISSIONS` is keyed by."""
     subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if path and (not subcommands or parser.get_default("command") is not None):
         parser.set_defaults(path=" ".join(path))  # a command, or a group that runs one when given none
     for action in subcommands:
         for name, sub in action.choices.items():
-            _name_commands(sub, [*path, name])
+            name_commands(sub, [*path, name])
 
 
 def _positive_int(text: str) -> int:
@@ -216,7 +216,7 @@ def _positive_int(text: str) -> int:
 
 def _app(options: argparse.Namespace, app: App | None = None) -> App:
     """The command's App: ``app`` configured from the options, or one made from them (once per command)."""
-    overrides = {k: v for k, v in (("store", options.store), ("amqp_url", options.amqp_url)) if v}
+    overrides = {k: v for k in ("store", "amqp_url") if (v := getattr(options, k, None))}
     if app is None:
         made: App | None = getattr(options, "app_instance", None)
         if made is None:
