@@ -252,6 +252,7 @@ class App:
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
         retry: RetryPolicy | RetryOverride | None = None,
+        actor: str | None = None,
     ) -> TaskHandle[Any]:
         """Record a new task and return its handle. The same ``idempotency_key`` gives the same task.
 
@@ -262,10 +263,11 @@ class App:
         ``eta`` (an aware datetime) or ``countdown`` (seconds from now): the task is blocked until
         then, and held by no worker meanwhile. ``depends_on``: tasks (ids or handles) that must all
         succeed first; if one of them fails for good, this task is cancelled (``upstream_failed``).
+        ``actor``: who submits, as recorded (default: this client, :attr:`actor`).
         """
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on))
+                                _when(eta, countdown), _task_ids(depends_on), actor=actor)
         self._check_parents(event)
         try:
             self.store.append([event])
@@ -292,11 +294,12 @@ class App:
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
         retry: RetryPolicy | RetryOverride | None = None,
+        actor: str | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on))
+                                _when(eta, countdown), _task_ids(depends_on), actor=actor)
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
         try:
@@ -327,6 +330,8 @@ class App:
         due_at: datetime | None = None,
         depends_on: Sequence[uuid.UUID] = (),
         receives: str | None = None,
+        *,
+        actor: str | None = None,
     ) -> TaskSubmitted:
         definition = self._tasks.get(task)
         args_list, kwargs_dict = list(args), dict(kwargs or {})
@@ -345,7 +350,7 @@ class App:
             priority=priority if priority is not None else (
                 definition.priority if definition else self.settings.default_priority),
             tenant=tenant,
-            actor=self.actor,
+            actor=actor or self.actor,
             now=utcnow(),
             correlation_id=correlation_id,
             idempotency_key=idempotency_key,

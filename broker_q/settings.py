@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                     "master_key_file, an SQLite store makes <db>.master.key beside itself (back it up)")
     master_key_file: Path | None = Field(default=None, description="A file holding the master key as base64")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds SIGTERM waits for running tasks")
+    api_public_metrics: bool = Field(
+        default=False, description="Serve the HTTP API's /metrics without a token (else it needs the read permission)")
 
     @field_validator("master_key")
     @classmethod
