@@ -1,0 +1,42 @@
+"""``/v1/workflows``: a workflow's steps, what blocks them and its critical path; cancelling it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter
+
+from broker_q.access_standin import Permission
+from broker_q.api.auth import CallerDep
+from broker_q.api.models import CancelRequest, ErrorBody, WorkflowView
+from broker_q.workflows import Workflows, status_json
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503)}
+
+
+@router.get("/{workflow_id}", response_model=WorkflowView, responses=_ERRORS, summary="A workflow's status")
+def get_workflow(workflow_id: uuid.UUID, caller: CallerDep) -> WorkflowView:
+    """Each step's state, what each blocked step waits for, and the critical path (``broker-q workflow ID``)."""
+    workflows = Workflows(caller.context.app)
+    state = workflows.state(workflow_id)
+    caller.authorize_record(Permission.READ, state.tenant, f"read workflow {workflow_id}",
+                            f"no workflow with id {workflow_id}")
+    return WorkflowView.model_validate(status_json(workflows.status(workflow_id)))
+
+
+@router.post("/{workflow_id}/cancel", response_model=WorkflowView,
+             responses={**_ERRORS, 409: {"model": ErrorBody}}, summary="Cancel a workflow")
+def cancel_workflow(workflow_id: uuid.UUID, body: CancelRequest, caller: CallerDep) -> WorkflowView:
+    """Cancel the workflow and every step of it that is not final (running steps are asked to stop).
+    409 if it was cancelled already or has no step left to cancel."""
+    workflows = Workflows(caller.context.app)
+    state = workflows.state(workflow_id)
+    caller.authorize_record(Permission.CANCEL, state.tenant, f"cancel workflow {workflow_id}",
+                            f"no workflow with id {workflow_id}")
+    return WorkflowView.model_validate(status_json(workflows.cancel(workflow_id, reason=body.reason,
+                                                                    actor=caller.actor)))
