@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from broker_q.app import App
 
 __all__ = [
+    "ROLE_PERMISSIONS",
     "Access",
     "Permission",
     "PermissionDenied",

@@ -81,6 +81,12 @@ class Caller:
             shown["payloads_hidden"] = hidden
         return shown
 
+    def event_details(self, details: Mapping[str, Any], tenant: str,
+                      task_id: uuid.UUID | None) -> tuple[dict[str, Any], bool]:
+        """An event's own fields as the caller may see them, and whether payloads were left out."""
+        shown = self.payloads(details, tenant, task_id)
+        return shown, bool(shown.pop("payloads_hidden", False))
+
 
 def _payload(value: Any, tenant: str, task_id: uuid.UUID | None) -> Any:
     """A payload as shown to a caller allowed to read it. The one place where sealed values

@@ -43,7 +43,12 @@ def list_events(
     scope = caller.authorize(Permission.READ, tenant, "read events")
     found = list(events(caller.context.app.store, from_position=from_position, to_position=to_position,
                         since=aware(since), until=aware(until), types=type, task=task, tenant=scope, limit=limit))
-    items = [caller.payloads(event_json(r), r.event.tenant, r.event.stream_id) for r in found]
+    items = []
+    for recorded in found:
+        row = event_json(recorded)
+        row["details"], row["payloads_hidden"] = caller.event_details(row["details"], recorded.event.tenant,
+                                                                      recorded.event.stream_id)
+        items.append(row)
     return EventPage.model_validate({"items": items, "next": found[-1].position + 1 if len(found) == limit else None})
 
 

@@ -82,11 +82,8 @@ def history(task_id: uuid.UUID, caller: CallerDep) -> Timeline:
                             f"no task with id {task_id}")
     found = timeline_json(history)
     hidden = not caller.sees_payloads(state.tenant)
-    events = []
-    for row in found["events"]:
-        details = caller.payloads(row["details"], state.tenant, task_id)
-        details.pop("payloads_hidden", None)
-        events.append({**row, "details": details})
+    events = [{**row, "details": caller.event_details(row["details"], state.tenant, task_id)[0]}
+              for row in found["events"]]
     return Timeline.model_validate({**found, "state": task_view(caller, state), "events": events,
                                     "payloads_hidden": hidden})
 
