@@ -563,9 +563,14 @@ def _when(eta: datetime | None, countdown: float | None) -> datetime | None:
         if not 0 <= countdown <= 366 * 86400:
             raise ValidationError(f"countdown must be between 0 and a year of seconds, got {countdown}")
         return utcnow() + timedelta(seconds=countdown)
-    if eta is not None and eta.utcoffset() is None:
+    if eta is None:
+        return None
+    if eta.utcoffset() is None:
         raise ValidationError(f"eta must be an aware datetime (with a timezone), got {eta.isoformat()}")
-    return None if eta is None else eta.astimezone(UTC)
+    try:
+        return eta.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00: past the last time a datetime holds in UTC
+        raise ValidationError(f"eta {eta.isoformat()} is out of range") from None
 
 
 class _Limits(NamedTuple):
