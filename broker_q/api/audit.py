@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from broker_q.access_standin import Permission
 from broker_q.api.auth import CallerDep
-from broker_q.api.models import AuditPage, AuditRecord, ErrorBody
-from broker_q.api.params import Tenant, Time, aware
+from broker_q.api.errors import errors
+from broker_q.api.models import AuditPage, AuditRecord
+from broker_q.api.params import MAX_POSITION, Tenant, Time, aware
 from broker_q.errors import ValidationError
 from projections.database import ViewDatabase
 from projections.queries import AuditQuery, audit
@@ -28,13 +29,12 @@ PAGE = 100
 """Records in a JSON page when no limit is given."""
 MAX_PAGE = 1000
 _STREAM_PAGE = 1000
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 422, 503)}
 _JSON_LINES = "application/x-ndjson"
 
 
 @router.get(
     "/v1/audit", response_model=AuditPage, summary="The audit log",
-    responses={**_ERRORS, 200: {"content": {_JSON_LINES: {"schema": {"type": "string"}}},
+    responses={**errors(401, 403, 422, 503), 200: {"content": {_JSON_LINES: {"schema": {"type": "string"}}},
                                 "description": "A page of records, or with format=jsonl one record per line"}},
 )
 def audit_log(
@@ -45,7 +45,8 @@ def audit_log(
     type: Annotated[list[str] | None, Query(description="Only these event types (repeatable).")] = None,
     since: Time = None,
     until: Time = None,
-    after: Annotated[int | None, Query(ge=0, description="The last position already seen (`next`).")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_POSITION,
+                                       description="The last position already seen (`next`).")] = None,
     limit: Annotated[int | None, Query(ge=1, le=1_000_000, description=f"JSON: records per page (default {PAGE}, "
                                        f"at most {MAX_PAGE}). JSON lines: the most records (default all).")] = None,
     format: Annotated[Literal["json", "jsonl"], Query(description="json: a page; jsonl: every record, one JSON "

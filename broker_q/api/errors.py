@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker_q.access_standin import PermissionDenied, Unauthenticated
+from broker_q.api.models import ErrorBody
 from broker_q.errors import (
     BrokerQError,
     BrokerUnavailable,
@@ -34,7 +35,7 @@ from broker_q.errors import (
     ValidationError,
 )
 
-__all__ = ["NotFound", "error_response", "install_error_handlers", "status_of"]
+__all__ = ["NotFound", "error_response", "errors", "install_error_handlers", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,22 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (KeysShredded, 410),
     (DecryptionError, 500),
 )
+
+
+_MEANING = {
+    400: "The body cannot be read (not UTF-8 JSON)",
+    401: "No valid API token",
+    403: "The token's roles or tenant do not allow this (recorded in the audit log)",
+    404: "No such record, or one of a tenant the token cannot see",
+    409: "The record's current state forbids this",
+    422: "Invalid input",
+    503: "The event store (or RabbitMQ) does not answer; try again",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of an operation that may answer these error statuses (for its OpenAPI)."""
+    return {code: {"model": ErrorBody, "description": _MEANING[code]} for code in codes}
 
 
 def status_of(error: BrokerQError) -> int:

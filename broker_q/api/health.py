@@ -25,7 +25,8 @@ from broker_q.access_standin import Permission
 from broker_q.amqp.connection import connect
 from broker_q.api.auth import Caller, authenticated, bearer
 from broker_q.api.context import Context
-from broker_q.api.models import Check, ErrorBody, Health, Readiness
+from broker_q.api.errors import errors
+from broker_q.api.models import Check, Health, Readiness
 from broker_q.errors import BrokerQError
 
 __all__ = ["CHECK_TIMEOUT", "router"]
@@ -89,7 +90,7 @@ def _metrics_caller(
 @router.get("/metrics", summary="Prometheus metrics of the views",
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
                              "description": "The text exposition format"},
-                       **{code: {"model": ErrorBody} for code in (401, 403, 503)}})
+                       **errors(401, 403, 503)})
 def metrics(request: Request, caller: Annotated[Caller | None, Depends(_metrics_caller)]) -> Response:
     context: Context = request.app.state.context
     registry = context.metrics()

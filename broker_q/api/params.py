@@ -9,7 +9,10 @@ from fastapi import Query
 
 from broker_q.api.models import TENANT_PATTERN
 
-__all__ = ["Limit", "Tenant", "Time", "aware"]
+__all__ = ["MAX_POSITION", "Limit", "Tenant", "Time", "aware"]
+
+MAX_POSITION = 2**63 - 1
+"""The largest log position: the stores keep positions as signed 64-bit integers."""
 
 Tenant = Annotated[str | None, Query(pattern=TENANT_PATTERN, description="Only this tenant's (a principal bound "
                                                                          "to a tenant sees only its own).")]

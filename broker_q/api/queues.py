@@ -7,13 +7,14 @@ projections run``); pages are keyset-paginated (``next`` is the ``after`` of the
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
 from broker_q.access_standin import Permission
 from broker_q.api.auth import Caller, CallerDep
-from broker_q.api.models import QUEUE_PATTERN, DeadLetterReplay, ErrorBody, QueueSummary, TaskPage, TaskView
+from broker_q.api.errors import errors
+from broker_q.api.models import QUEUE_PATTERN, DeadLetterReplay, QueueSummary, TaskPage, TaskView
 from broker_q.api.params import Limit, Tenant, Time, aware
 from broker_q.api.tasks import task_view, visible_task
 from broker_q.domain.task import TaskStatus
@@ -23,7 +24,6 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["queues"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 422, 503)}
 Cursor = Annotated[str | None, Query(max_length=200, description="The `next` of the previous page.")]
 
 
@@ -32,7 +32,8 @@ def _page(caller: Caller, page: Page) -> TaskPage:
     return TaskPage.model_validate({"items": items, "next": page.next})
 
 
-@router.get("/v1/queues", response_model=list[QueueSummary], responses=_ERRORS, summary="Tasks per state and queue")
+@router.get("/v1/queues", response_model=list[QueueSummary], responses=errors(401, 403, 422, 503),
+            summary="Tasks per state and queue")
 def list_queues(caller: CallerDep, tenant: Tenant = None) -> list[QueueSummary]:
     """Per tenant and queue: how many tasks are in each state, and how long the oldest ready one has waited."""
     scope = caller.authorize(Permission.READ, tenant, "list queues")
@@ -40,7 +41,7 @@ def list_queues(caller: CallerDep, tenant: Tenant = None) -> list[QueueSummary]:
     return [QueueSummary.model_validate(summary, from_attributes=True) for summary in found]
 
 
-@router.get("/v1/queues/{queue}/tasks", response_model=TaskPage, responses=_ERRORS,
+@router.get("/v1/queues/{queue}/tasks", response_model=TaskPage, responses=errors(401, 403, 422, 503),
             summary="A queue's tasks in one state")
 def queue_tasks(
     queue: Annotated[str, Path(pattern=QUEUE_PATTERN)],
@@ -56,7 +57,7 @@ def queue_tasks(
                                limit=limit, after=after))
 
 
-@router.get("/v1/dead-letters", response_model=TaskPage, responses=_ERRORS, summary="Dead letters")
+@router.get("/v1/dead-letters", response_model=TaskPage, responses=errors(401, 403, 422, 503), summary="Dead letters")
 def list_dead_letters(
     caller: CallerDep,
     tenant: Tenant = None,
@@ -72,7 +73,7 @@ def list_dead_letters(
 
 
 @router.post("/v1/dead-letters/{task_id}/replay", response_model=TaskView,
-             responses={**_ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+             responses=errors(400, 401, 403, 404, 409, 422, 503),
              summary="Run a dead letter again")
 def replay_dead_letter(task_id: uuid.UUID, body: DeadLetterReplay, caller: CallerDep) -> TaskView:
     """Send the dead letter to run again, recording who, why and what changed (new ``args`` or

@@ -5,14 +5,15 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from broker_q.access_standin import Permission
 from broker_q.api.auth import CallerDep
-from broker_q.api.models import QUEUE_PATTERN, ErrorBody, EventPage, StateAsOf
-from broker_q.api.params import Limit, Tenant, Time, aware
+from broker_q.api.errors import errors
+from broker_q.api.models import QUEUE_PATTERN, EventPage, StateAsOf
+from broker_q.api.params import MAX_POSITION, Limit, Tenant, Time, aware
 from broker_q.api.tasks import task_view
 from broker_q.errors import ValidationError
 from projections.cli import event_json
@@ -22,15 +23,17 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["replay"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 422, 503)}
-Position = Annotated[int | None, Query(ge=0, description="A log position.")]
+Position = Annotated[int | None, Query(ge=0, le=MAX_POSITION, description="A log position.")]
 
 
-@router.get("/v1/events", response_model=EventPage, responses=_ERRORS, summary="Recorded events, filtered")
+@router.get("/v1/events", response_model=EventPage, responses=errors(401, 403, 422, 503),
+            summary="Recorded events, filtered")
 def list_events(
     caller: CallerDep,
-    from_position: Annotated[int | None, Query(ge=0, description="First log position (inclusive).")] = None,
-    to_position: Annotated[int | None, Query(ge=0, description="Last log position (inclusive).")] = None,
+    from_position: Annotated[int | None, Query(ge=0, le=MAX_POSITION,
+                                               description="First log position (inclusive).")] = None,
+    to_position: Annotated[int | None, Query(ge=0, le=MAX_POSITION,
+                                             description="Last log position (inclusive).")] = None,
     since: Time = None,
     until: Time = None,
     type: Annotated[list[str] | None, Query(description="Only these event types (repeatable).")] = None,
@@ -52,7 +55,7 @@ def list_events(
     return EventPage.model_validate({"items": items, "next": found[-1].position + 1 if len(found) == limit else None})
 
 
-@router.get("/v1/state", response_model=StateAsOf, responses={**_ERRORS, 404: {"model": ErrorBody}},
+@router.get("/v1/state", response_model=StateAsOf, responses=errors(401, 403, 404, 422, 503),
             summary="A task's state, or the counts per queue, as of a time or a position")
 def state_as_of(
     caller: CallerDep,

@@ -6,16 +6,15 @@ A schedule is named within its tenant. Reading needs ``read``; every change need
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
 from broker_q.access_standin import Permission
 from broker_q.api.auth import Caller, CallerDep
-from broker_q.api.errors import NotFound
+from broker_q.api.errors import NotFound, errors
 from broker_q.api.models import (
     SCHEDULE_NAME_PATTERN,
-    ErrorBody,
     NextFires,
     ReasonRequest,
     ScheduleRequest,
@@ -31,7 +30,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503)}
 Name = Annotated[str, Path(pattern=SCHEDULE_NAME_PATTERN)]
 
 
@@ -52,7 +50,7 @@ def _view(caller: Caller, state: ScheduleState) -> ScheduleView:
     return ScheduleView.model_validate(caller.payloads(row, state.tenant, None))
 
 
-@router.get("", response_model=list[ScheduleView], responses=_ERRORS, summary="A tenant's schedules")
+@router.get("", response_model=list[ScheduleView], responses=errors(401, 403, 422, 503), summary="A tenant's schedules")
 def list_schedules(
     caller: CallerDep,
     tenant: Tenant = None,
@@ -63,7 +61,7 @@ def list_schedules(
     return [_view(caller, state) for state in schedules.list(removed=removed)]
 
 
-@router.post("", response_model=ScheduleView, responses={**_ERRORS, 409: {"model": ErrorBody}},
+@router.post("", response_model=ScheduleView, responses=errors(400, 401, 403, 409, 422, 503),
              summary="Create or change a schedule")
 def define(body: ScheduleRequest, caller: CallerDep) -> ScheduleView:
     """Create the schedule, or change it to this definition; the same definition again changes nothing."""
@@ -74,13 +72,14 @@ def define(body: ScheduleRequest, caller: CallerDep) -> ScheduleView:
     return _view(caller, state)
 
 
-@router.get("/{name}", response_model=ScheduleView, responses=_ERRORS, summary="One schedule")
+@router.get("/{name}", response_model=ScheduleView, responses=errors(401, 403, 404, 422, 503), summary="One schedule")
 def get_schedule(name: Name, caller: CallerDep, tenant: Tenant = None) -> ScheduleView:
     schedules = _schedules(caller, Permission.READ, tenant, f"read schedule {name}")
     return _view(caller, _existing(schedules, name))
 
 
-@router.get("/{name}/next", response_model=NextFires, responses=_ERRORS, summary="A schedule's next fire times")
+@router.get("/{name}/next", response_model=NextFires, responses=errors(401, 403, 404, 422, 503),
+            summary="A schedule's next fire times")
 def next_fires(
     name: Name,
     caller: CallerDep,
@@ -93,7 +92,7 @@ def next_fires(
     return NextFires(name=state.name, tenant=state.tenant, next=schedules.next(name, count))
 
 
-@router.post("/{name}/pause", response_model=ScheduleView, responses={**_ERRORS, 409: {"model": ErrorBody}},
+@router.post("/{name}/pause", response_model=ScheduleView, responses=errors(400, 401, 403, 404, 409, 422, 503),
              summary="Pause a schedule")
 def pause(name: Name, body: ReasonRequest, caller: CallerDep, tenant: Tenant = None) -> ScheduleView:
     """Stop the schedule from firing until it is resumed. 409 if it is not active."""
@@ -102,7 +101,7 @@ def pause(name: Name, body: ReasonRequest, caller: CallerDep, tenant: Tenant = N
     return _view(caller, schedules.pause(name, reason=body.reason))
 
 
-@router.post("/{name}/resume", response_model=ScheduleView, responses={**_ERRORS, 409: {"model": ErrorBody}},
+@router.post("/{name}/resume", response_model=ScheduleView, responses=errors(400, 401, 403, 404, 409, 422, 503),
              summary="Resume a schedule")
 def resume(name: Name, body: ReasonRequest, caller: CallerDep, tenant: Tenant = None) -> ScheduleView:
     """Let the schedule fire again; its ``catchup`` decides what happens to the ticks it missed. 409 if
@@ -112,7 +111,7 @@ def resume(name: Name, body: ReasonRequest, caller: CallerDep, tenant: Tenant = 
     return _view(caller, schedules.resume(name, reason=body.reason))
 
 
-@router.delete("/{name}", response_model=ScheduleView, responses={**_ERRORS, 409: {"model": ErrorBody}},
+@router.delete("/{name}", response_model=ScheduleView, responses=errors(401, 403, 404, 409, 422, 503),
                summary="Remove a schedule")
 def remove(
     name: Name,

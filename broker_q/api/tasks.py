@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, Response, status
 
 from broker_q.access_standin import Permission
 from broker_q.api.auth import Caller, CallerDep
-from broker_q.api.models import CancelRequest, ErrorBody, TaskSubmission, TaskView, Timeline
+from broker_q.api.errors import errors
+from broker_q.api.models import CancelRequest, TaskSubmission, TaskView, Timeline
 from broker_q.domain.task import TaskState
 from broker_q.errors import DomainError, ValidationError
 from broker_q.rendering import status_view
@@ -25,7 +25,6 @@ __all__ = ["router", "task_view", "visible_task"]
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 404, 503)}
 
 
 def task_view(caller: Caller, state: TaskState) -> TaskView:
@@ -42,7 +41,7 @@ def visible_task(caller: Caller, task_id: uuid.UUID, permission: Permission, act
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskView,
-             responses={**_ERRORS, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+             responses=errors(400, 401, 403, 409, 422, 503),
              summary="Submit a task")
 async def submit(body: TaskSubmission, caller: CallerDep, response: Response) -> TaskView:
     """Record a new task (the body is the AMQP task envelope, plus the queue). The same
@@ -64,14 +63,14 @@ async def submit(body: TaskSubmission, caller: CallerDep, response: Response) ->
     return task_view(caller, state)
 
 
-@router.get("/{task_id}", response_model=TaskView, responses={**_ERRORS, 422: {"model": ErrorBody}},
+@router.get("/{task_id}", response_model=TaskView, responses=errors(401, 403, 404, 422, 503),
             summary="A task's current state")
 def get_task(task_id: uuid.UUID, caller: CallerDep) -> TaskView:
     """The task's state as of now, replayed from its stream (authoritative, not a view)."""
     return task_view(caller, visible_task(caller, task_id, Permission.READ, "read"))
 
 
-@router.get("/{task_id}/history", response_model=Timeline, responses={**_ERRORS, 422: {"model": ErrorBody}},
+@router.get("/{task_id}/history", response_model=Timeline, responses=errors(401, 403, 404, 422, 503),
             summary="A task's events, with the time between them")
 def history(task_id: uuid.UUID, caller: CallerDep) -> Timeline:
     """Every event of the task, with durations: waiting before the first start, each attempt's run
@@ -89,7 +88,7 @@ def history(task_id: uuid.UUID, caller: CallerDep) -> Timeline:
 
 
 @router.post("/{task_id}/cancel", response_model=TaskView,
-             responses={**_ERRORS, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+             responses=errors(400, 401, 403, 404, 409, 422, 503),
              summary="Cancel a task")
 def cancel(task_id: uuid.UUID, body: CancelRequest, caller: CallerDep) -> TaskView:
     """The task never starts, or its running attempt is asked to stop. 409 if it is final already."""

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from fastapi import APIRouter
 
 from broker_q.access_standin import Permission
 from broker_q.api.auth import CallerDep
-from broker_q.api.models import CancelRequest, ErrorBody, WorkflowView
+from broker_q.api.errors import errors
+from broker_q.api.models import CancelRequest, WorkflowView
 from broker_q.workflows import Workflows, status_json
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503)}
 
 
-@router.get("/{workflow_id}", response_model=WorkflowView, responses=_ERRORS, summary="A workflow's status")
+@router.get("/{workflow_id}", response_model=WorkflowView, responses=errors(401, 403, 404, 422, 503),
+            summary="A workflow's status")
 def get_workflow(workflow_id: uuid.UUID, caller: CallerDep) -> WorkflowView:
     """Each step's state, what each blocked step waits for, and the critical path (``broker-q workflow ID``)."""
     workflows = Workflows(caller.context.app)
@@ -30,7 +30,7 @@ def get_workflow(workflow_id: uuid.UUID, caller: CallerDep) -> WorkflowView:
 
 
 @router.post("/{workflow_id}/cancel", response_model=WorkflowView,
-             responses={**_ERRORS, 409: {"model": ErrorBody}}, summary="Cancel a workflow")
+             responses=errors(400, 401, 403, 404, 409, 422, 503), summary="Cancel a workflow")
 def cancel_workflow(workflow_id: uuid.UUID, body: CancelRequest, caller: CallerDep) -> WorkflowView:
     """Cancel the workflow and every step of it that is not final (running steps are asked to stop).
     409 if it was cancelled already or has no step left to cancel."""

@@ -305,3 +305,18 @@ async def test_metrics_can_be_served_without_a_token(sqlite_url: str) -> None:
             assert "broker_q_projection_position" in response.text
     finally:
         app.close()
+
+
+async def test_values_at_the_edges_of_their_types_are_answered_not_crashed_on(api: Api) -> None:
+    """Found by the schemathesis run: times at the ends of the calendar, positions past 64 bits."""
+    far_eta = await api.call("POST", "/v1/tasks", json={"task": "add", "args": [1, 1],
+                                                        "eta": "9999-12-31T23:59:59-05:00"})
+    assert far_eta.status_code == 422
+    assert "out of range" in far_eta.json()["error"]["message"]
+    await api.ok("POST", "/v1/tasks", status=201, json={"task": "add", "args": [1, 1]})
+    last = await api.ok("GET", "/v1/state", params={"at": "9999-12-31T23:59:59"})
+    assert sum(row["total"] for row in last["queues"]) == 1
+    assert len((await api.ok("GET", "/v1/events", params={"until": "9999-12-31T23:59:59"}))["items"]) == 1
+    for path, params in (("/v1/audit", {"after": 2**63}), ("/v1/events", {"from_position": 2**63}),
+                         ("/v1/state", {"position": 2**64})):
+        assert (await api.call("GET", path, params=params)).status_code == 422, path
