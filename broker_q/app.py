@@ -32,9 +32,10 @@ from typing import (
 
 import pydantic
 
+from broker_q.access import Access
 from broker_q.arguments import Parameters
 from broker_q.canvas import Canvas, Signature
-from broker_q.codec import check_json
+from broker_q.codec import check_json, dumps
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
 from broker_q.domain.retry import RetryOverride, RetryPolicy
@@ -66,10 +67,12 @@ from broker_q.settings import Settings
 from broker_q.store.eventsourcing import open_store
 from broker_q.store.port import EventStore
 from broker_q.store.writer import GroupCommitWriter
+from broker_q.tenants import Tenants
 
 if TYPE_CHECKING:
     from broker_q.domain.workflow import WorkflowStatus
     from broker_q.workflows import WorkflowHandle
+    from projections.queries import WaitingTasks
 
 __all__ = ["App", "TaskDefinition", "TaskHandle", "TaskOptions"]
 
@@ -104,6 +107,9 @@ class App:
         """Each downstream service's circuit breaker policy (:meth:`breaker`); others get the default."""
         self._store: EventStore | None = None
         self._store_lock = threading.Lock()
+        self._access: Access | None = None
+        self._tenants: Tenants | None = None
+        self._waiting: WaitingTasks | None = None
         self._writers: dict[asyncio.AbstractEventLoop, GroupCommitWriter] = {}
 
     @property
@@ -222,15 +228,45 @@ class App:
     def store(self) -> EventStore:
         """The event store, opened on first use."""
         with self._store_lock:
-            if self._store is None:
-                self._store = open_store(self.settings.store)
-            return self._store
+            return self._open_store()
+
+    def _open_store(self) -> EventStore:
+        if self._store is None:
+            self._store = open_store(self.settings.store)
+        return self._store
+
+    @property
+    def access(self) -> Access:
+        """Tokens, principals and permission checks (:mod:`broker_q.access`)."""
+        with self._store_lock:
+            if self._access is None:
+                self._access = Access(self._open_store())
+            return self._access
+
+    @property
+    def tenants(self) -> Tenants:
+        """Tenants and their quotas, checked at every submit (:mod:`broker_q.tenants`)."""
+        with self._store_lock:
+            if self._tenants is None:
+                self._tenants = Tenants(self._open_store(), waiting=self._waiting_tasks)
+            return self._tenants
+
+    def _waiting_tasks(self, tenant: str) -> int:
+        if self._waiting is None:
+            from projections.queries import WaitingTasks  # the read side, built on this package
+
+            self._waiting = WaitingTasks(self.settings.store)
+        return self._waiting(tenant)
 
     def close(self) -> None:
         with self._store_lock:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            self._access = self._tenants = None
+            if self._waiting is not None:
+                self._waiting.close()
+                self._waiting = None
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -269,6 +305,7 @@ class App:
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
                                 _when(eta, countdown), _task_ids(depends_on), actor=actor)
         self._check_parents(event)
+        self._admit([event])
         try:
             self.store.append([event])
         except ConcurrencyConflict:
@@ -302,6 +339,8 @@ class App:
                                 _when(eta, countdown), _task_ids(depends_on), actor=actor)
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
+        if not self.tenants.unlimited(event.tenant):
+            await asyncio.to_thread(self._admit, [event])
         try:
             await self._writer().append([event])
         except ConcurrencyConflict:
@@ -362,6 +401,13 @@ class App:
             depends_on=depends_on,
             receives=receives,
         )
+
+    def _admit(self, submitted: Sequence[TaskSubmitted]) -> None:
+        """Check tasks of one tenant against its quotas (:meth:`Tenants.admit`), before they are
+        recorded: a refusal is recorded and raised as :class:`~broker_q.errors.QuotaExceeded`."""
+        first = submitted[0]
+        self.tenants.admit(first.tenant, task=first.task, count=len(submitted), actor=first.actor,
+                           payload_bytes=lambda: max(len(dumps([e.args, e.kwargs])) for e in submitted))
 
     def _check_parents(self, event: TaskSubmitted) -> None:
         """Refuse parents that do not exist or belong to another tenant.

@@ -57,7 +57,7 @@ from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
 from broker_q.breakers import Breakers
 from broker_q.codec import check_json
-from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted, TaskSucceeded
+from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted, TaskSubmitted, TaskSucceeded
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
     TaskStatus,
@@ -72,7 +72,14 @@ from broker_q.domain.task import (
     submit,
     succeeded_event,
 )
-from broker_q.errors import ConcurrencyConflict, DomainError, SerializationError, StoreUnavailable, ValidationError
+from broker_q.errors import (
+    ConcurrencyConflict,
+    DomainError,
+    QuotaExceeded,
+    SerializationError,
+    StoreUnavailable,
+    ValidationError,
+)
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
@@ -504,8 +511,13 @@ class Worker:
         assert self._writer is not None
         try:
             event = self._accept(message, queue)
-        except ValidationError as e:
+            if not self.app.tenants.unlimited(event.tenant):
+                await asyncio.to_thread(self.app._admit, [event])
+        except (ValidationError, QuotaExceeded) as e:
             await self._refuse(message, str(e), source=queue)
+            return
+        except StoreUnavailable as e:  # the quotas could not be read: the message waits for the store
+            log.warning("not acknowledging ingress message: %s", e)
             return
         try:
             await self._writer.append([event])
@@ -516,7 +528,7 @@ class Worker:
             return
         self._acks_of(message).done(message)
 
-    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskEvent:
+    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskSubmitted:
         limit = self.app.settings.max_message_bytes
         if len(message.body) > limit:
             raise ValidationError(f"message of {len(message.body)} bytes is over the limit of {limit} bytes")

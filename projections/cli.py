@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker_q.app import App
+from broker_q.domain.access import Permission
 from broker_q.domain.task import TaskState, TaskStatus
 from broker_q.errors import ValidationError
 from broker_q.rendering import status_view
@@ -111,10 +112,13 @@ def _events(options: argparse.Namespace) -> int:
 
 
 def _replay(options: argparse.Namespace) -> int:
+    from broker_q.cli import authorize_task
+
     task = _task_id(options.id)
     assert task is not None
     with _store(options) as store:
         history = timeline(store, task)
+    authorize_task(options, Permission.READ, history.state.tenant, f"replay {task}")
     if options.json:
         print(json.dumps(timeline_json(history), indent=2))
         return 0
@@ -148,13 +152,19 @@ _OUTCOMES = {"started": "taken over by the next attempt"}
 def _state(options: argparse.Namespace) -> int:
     at = parse_time(options.at, "--at")
     task = _task_id(options.task)
-    if task is not None and (options.queue or options.tenant):
-        raise ValidationError("--queue and --tenant filter the counts: they do not apply with --task")
+    if task is not None and options.queue:
+        raise ValidationError("--queue filters the counts: it does not apply with --task")
     as_of = {"time": at.isoformat() if at else None, "position": options.position}
     moment = f"as of {_time(at)}" if at else f"as of position {options.position}"
     with _store(options) as store:
         if task is not None:
             state = task_state_at(store, task, at=at, position=options.position)
+            if state is not None:
+                if options.tenant is not None and state.tenant != options.tenant:
+                    raise ValidationError(f"task {task} is not of tenant {options.tenant!r}")
+                from broker_q.cli import authorize_task
+
+                authorize_task(options, Permission.READ, state.tenant, f"state of {task}")
             return _print_task_state(task, state, as_of, moment, options.json)
         counts = queue_counts_at(store, at=at, position=options.position, queue=options.queue,
                                  tenant=options.tenant)

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.api.auth import CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import AuditPage, AuditRecord

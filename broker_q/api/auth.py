@@ -18,9 +18,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from broker_q.access_standin import Access, Permission, PermissionDenied, Principal, Unauthenticated, access_of
+from broker_q.access import Access, Permission, Principal
 from broker_q.api.context import Context
-from broker_q.errors import TaskNotFound
+from broker_q.errors import PermissionDenied, TaskNotFound, Unauthenticated
 
 __all__ = ["PAYLOAD_FIELDS", "Caller", "CallerDep", "access", "authenticated", "bearer"]
 
@@ -32,7 +32,7 @@ bearer = HTTPBearer(auto_error=False, description="An API token: `broker-q token
 
 def access(context: Context) -> Access:
     """The access checks of the API's App."""
-    return access_of(context.app)
+    return context.app.access
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker_q.access_standin import PermissionDenied, Unauthenticated
 from broker_q.api.models import ErrorBody
 from broker_q.errors import (
     BrokerQError,
@@ -28,9 +27,12 @@ from broker_q.errors import (
     DecryptionError,
     DomainError,
     KeysShredded,
+    PermissionDenied,
+    QuotaExceeded,
     StoreError,
     StoreUnavailable,
     TaskNotFound,
+    Unauthenticated,
     UnknownTask,
     ValidationError,
 )
@@ -50,6 +52,7 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (PermissionDenied, 403),
     (TaskNotFound, 404),
     (NotFound, 404),
+    (QuotaExceeded, 429),  # the message names the quota; the refusal is in the audit log
     (ConcurrencyConflict, 409),  # someone else wrote first: the same request may succeed if sent again
     (StoreUnavailable, 503),
     (BrokerUnavailable, 503),
@@ -68,6 +71,7 @@ _MEANING = {
     403: "The token's roles or tenant do not allow this (recorded in the audit log)",
     404: "No such record, or one of a tenant the token cannot see",
     409: "The record's current state forbids this",
+    429: "Over one of the tenant's quotas, which the message names (recorded in the audit log)",
     422: "Invalid input",
     503: "The event store (or RabbitMQ) does not answer; try again",
 }

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.amqp.connection import connect
 from broker_q.api.auth import Caller, authenticated, bearer
 from broker_q.api.context import Context

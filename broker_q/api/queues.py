@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.api.auth import Caller, CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import QUEUE_PATTERN, DeadLetterReplay, QueueSummary, TaskPage, TaskView

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.api.auth import CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import QUEUE_PATTERN, EventPage, StateAsOf
@@ -23,6 +23,9 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["replay"])
 
+_NEVER_SHOWN = ("secret_sha256",)
+"""Fields of events that the API never shows: a token's hash is of no use to anyone reading events
+(it cannot be turned back into the token, but it has no business leaving the store either)."""
 Position = Annotated[int | None, Query(ge=0, le=MAX_POSITION, description="A log position.")]
 
 
@@ -49,6 +52,8 @@ def list_events(
     items = []
     for recorded in found:
         row = event_json(recorded)
+        for name in _NEVER_SHOWN:
+            row["details"].pop(name, None)
         row["details"], row["payloads_hidden"] = caller.event_details(row["details"], recorded.event.tenant,
                                                                       recorded.event.stream_id)
         items.append(row)

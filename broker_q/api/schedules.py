@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.api.auth import Caller, CallerDep
 from broker_q.api.errors import NotFound, errors
 from broker_q.api.models import (

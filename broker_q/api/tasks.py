@@ -11,7 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.api.auth import Caller, CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import CancelRequest, TaskSubmission, TaskView, Timeline
@@ -41,7 +41,7 @@ def visible_task(caller: Caller, task_id: uuid.UUID, permission: Permission, act
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskView,
-             responses=errors(400, 401, 403, 409, 422, 503),
+             responses=errors(400, 401, 403, 409, 422, 429, 503),
              summary="Submit a task")
 async def submit(body: TaskSubmission, caller: CallerDep, response: Response) -> TaskView:
     """Record a new task (the body is the AMQP task envelope, plus the queue). The same

@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from broker_q.access_standin import Permission
+from broker_q.access import Permission
 from broker_q.api.auth import CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import CancelRequest, WorkflowView

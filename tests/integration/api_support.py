@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from broker_q import App
-from broker_q.access_standin import Role, access_of
+from broker_q.access import Role
 from broker_q.api import create_api
 from broker_q.api.context import open_view
 from projections.runner import ProjectionRunner
@@ -30,7 +30,7 @@ class Api:
         key = (Role(role), tenant)
         if key not in self._tokens:
             name = f"{role}-{tenant or 'all'}"
-            self._tokens[key], _ = access_of(self.app).create_token(name=name, roles=[Role(role)], tenant=tenant,
+            self._tokens[key], _ = self.app.access.create_token(name=name, roles=[Role(role)], tenant=tenant,
                                                                     actor="test")
         return self._tokens[key]
 

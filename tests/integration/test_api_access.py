@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from broker_q import App
-from broker_q.access_standin import ROLE_PERMISSIONS, Permission, Role, access_of
+from broker_q.access import ROLE_PERMISSIONS, Permission, Role
 from broker_q.canvas import chain
 from tests.helpers import wait_for
 from tests.integration.api_support import Api, api_for, catch_up
@@ -110,12 +110,19 @@ async def test_a_refusal_is_recorded_in_the_audit_log(api: Api) -> None:
     assert refused.status_code == 403
     await asyncio.to_thread(catch_up, api.app)
     denials = (await api.ok("GET", "/v1/audit", params={"type": "access_denied"}))["items"]
-    assert [(d["tenant"], d["actor"]) for d in denials] == [("acme", "viewer-acme")]
+    assert [(d["tenant"], d["actor"]) for d in denials] == [("acme", "token:viewer-acme")]
     assert "cancel" in denials[0]["summary"]
 
 
+async def test_events_of_tokens_never_show_the_secret_hash(api: Api) -> None:
+    api.token("viewer", "acme")
+    issued = (await api.ok("GET", "/v1/events", params={"type": "token_issued"}))["items"]
+    assert issued
+    assert all("secret_sha256" not in event["details"] and event["details"]["name"] for event in issued)
+
+
 async def test_only_a_valid_token_is_let_in(api: Api) -> None:
-    access = access_of(api.app)
+    access = api.app.access
     for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"},
                     {"Authorization": "Bearer not-a-token"},
                     {"Authorization": f"Bearer bq_{uuid.uuid4().hex}_{'A' * 43}"}):

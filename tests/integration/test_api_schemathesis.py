@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
 from broker_q import App
-from broker_q.access_standin import Role, access_of
+from broker_q.access import Role
 from broker_q.api import create_api
 
 EXAMPLES = 25
@@ -49,7 +49,7 @@ def app(tmp_path: Path, amqp_url: str) -> Iterator[App]:
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES)
 def test_no_request_makes_a_server_error(app: App, method: str, path: str, mode: GenerationMode) -> None:
-    token, _ = access_of(app).create_token(name="schemathesis", roles=[Role.ADMIN], tenant=None, actor="test")
+    token, _ = app.access.create_token(name="schemathesis", roles=[Role.ADMIN], tenant=None, actor="test")
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_api(app))
     operation = schema[path][method]
 
