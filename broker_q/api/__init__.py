@@ -9,10 +9,13 @@ with any ASGI server or to call it in tests. OpenAPI at ``/openapi.json``. One m
 - :mod:`~broker_q.api.workflows`: ``/v1/workflows``;
 - :mod:`~broker_q.api.audit`: ``/v1/audit``;
 - :mod:`~broker_q.api.replay`: ``/v1/events``, ``/v1/state``;
-- :mod:`~broker_q.api.health`: ``/healthz``, ``/readyz``, ``/metrics``;
+- :mod:`~broker_q.api.breakers`: ``/v1/breakers``;
+- :mod:`~broker_q.api.admin`: ``/v1/tokens``, ``/v1/tenants``;
+- :mod:`~broker_q.api.health`: ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/views``;
 
 and around them :mod:`~broker_q.api.auth` (tokens, permissions, tenants, payloads),
-:mod:`~broker_q.api.errors` (errors to statuses), :mod:`~broker_q.api.models` (the bodies).
+:mod:`~broker_q.api.errors` (errors to statuses), :mod:`~broker_q.api.models` (the bodies),
+:mod:`~broker_q.api.context` (the App and the view databases).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """What every endpoint works with: the App, and the view databases, opened once per API.
 
-:func:`open_view` is the one place the API opens a view's database; :meth:`Context.view` hands out
-each view's handle, shared by the requests (a handle serialises its transactions).
+Every access of the API to a view's database goes through this module: :func:`open_view` is the one
+place a view's database is opened; :meth:`Context.view` hands out each view's handle, shared by the
+requests (a handle serialises its transactions); :meth:`Context.metrics` and
+:meth:`Context.view_status` read the views' positions.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from broker_q.app import App
 from projections.database import ViewDatabase, open_view_database
 from projections.metrics import registry_for
+from projections.queries import ViewStatus, status
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS
 
@@ -48,6 +51,10 @@ class Context:
     def metrics(self) -> CollectorRegistry:
         """The projection metrics, read from the views at each collection (as ``--metrics-port`` serves them)."""
         return registry_for(self.view("tasks"), self.app.store)
+
+    def view_status(self) -> list[ViewStatus]:
+        """Each view's position and lag (as ``broker-q projections status`` shows them)."""
+        return status(self.view("tasks"), self.app.store)
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -23,10 +24,10 @@ from prometheus_client.registry import Collector
 
 from broker_q.access import Permission
 from broker_q.amqp.connection import connect
-from broker_q.api.auth import Caller, authenticated, bearer
+from broker_q.api.auth import Caller, CallerDep, authenticated, bearer
 from broker_q.api.context import Context
 from broker_q.api.errors import errors
-from broker_q.api.models import Check, Health, Readiness
+from broker_q.api.models import Check, Health, Readiness, ViewState
 from broker_q.errors import BrokerQError
 
 __all__ = ["CHECK_TIMEOUT", "router"]
@@ -99,6 +100,15 @@ def metrics(request: Request, caller: Annotated[Caller | None, Depends(_metrics_
         if tenant is not None:
             registry = _of_tenant(registry, tenant)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/views", response_model=list[ViewState], responses=errors(401, 403, 503),
+            summary="Each view's position and lag")
+def views(caller: CallerDep) -> list[ViewState]:
+    """Each view's position in the event log, how far it is behind (events and seconds), and its
+    last update (``broker-q projections status``)."""
+    caller.authorize(Permission.READ, None, "read the views' status")
+    return [ViewState.model_validate(asdict(view)) for view in caller.context.view_status()]
 
 
 class _TenantSeries(Collector):

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from broker_q.domain.access import Role
 from broker_q.domain.schedule import Catchup, ScheduleStatus
 from broker_q.domain.task import MAX_PRIORITY, TaskStatus
 from broker_q.domain.workflow import WorkflowOutcome
@@ -22,6 +23,8 @@ from broker_q.wire import TaskEnvelope
 __all__ = [
     "AuditPage",
     "AuditRecord",
+    "BreakerEventView",
+    "BreakerView",
     "CancelRequest",
     "Check",
     "DeadLetterReplay",
@@ -29,10 +32,13 @@ __all__ = [
     "ErrorDetail",
     "EventPage",
     "EventRecord",
+    "ForceRequest",
     "Health",
     "NextFires",
     "QueueCount",
     "QueueSummary",
+    "Quota",
+    "QuotaChange",
     "Readiness",
     "ReasonRequest",
     "ScheduleRequest",
@@ -42,7 +48,13 @@ __all__ = [
     "TaskRow",
     "TaskSubmission",
     "TaskView",
+    "TenantRequest",
+    "TenantView",
     "Timeline",
+    "TokenCreated",
+    "TokenRequest",
+    "TokenView",
+    "ViewState",
     "WorkflowView",
 ]
 
@@ -356,6 +368,119 @@ class WorkflowView(_Response):
     cancel_reason: str | None
     critical_path: CriticalPath
     steps: list[WorkflowStepView]
+
+
+# -- administration -------------------------------------------------------------------------------
+
+
+class TokenRequest(BaseModel):
+    """A new API token. It is answered once: only the hash of its secret is stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@:\-]{1,100}$", description="Who or what will hold it.")
+    roles: list[Role] = Field(min_length=1, max_length=len(Role))
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN,
+                               description="The one tenant it may act on; none: every tenant (admins only).")
+    expires_in_seconds: float | None = Field(default=None, ge=1, le=10 * 366 * 86400,
+                                             description="It stops working this long after it is made (default never).")
+
+
+class TokenView(_Response):
+    """What is known of a token: never its secret, nor the hash of it."""
+
+    id: uuid.UUID
+    name: str
+    roles: list[Role]
+    tenant: str | None = Field(description="null: every tenant")
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+    active: bool
+
+
+class TokenCreated(TokenView):
+    token: str = Field(description="The token, shown this once: send it as `Authorization: Bearer <token>`.")
+
+
+class Quota(_Response):
+    """A tenant's quotas; null: no limit."""
+
+    max_waiting: int | None = Field(default=None, description="Tasks waiting (blocked, ready, retrying) at most.")
+    submit_rate: float | None = Field(default=None, description="Submissions a second, on average.")
+    submit_burst: int | None = Field(default=None, description="Submissions at once above the rate.")
+    max_payload_bytes: int | None = Field(default=None, description="Bytes of a task's args and kwargs (as JSON).")
+
+
+class QuotaChange(BaseModel):
+    """The quotas to change (null: no limit); those left out stay as they are, unless ``clear``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_waiting: int | None = Field(default=None, ge=1, le=2**62)
+    submit_rate: float | None = Field(default=None, gt=0, le=1e9, allow_inf_nan=False)
+    submit_burst: int | None = Field(default=None, ge=1, le=2**62)
+    max_payload_bytes: int | None = Field(default=None, ge=1, le=2**62)
+    clear: bool = Field(default=False, description="Every quota not given here goes back to no limit.")
+
+
+class TenantRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=TENANT_PATTERN)
+    description: str = Field(default="", max_length=500)
+
+
+class TenantView(_Response):
+    name: str
+    created_at: datetime | None = Field(description="null for a tenant given a quota without being created.")
+    description: str
+    quota: Quota
+
+
+class BreakerView(_Response):
+    """A downstream service's circuit breaker (``broker-q breakers``)."""
+
+    service: str
+    status: str
+    until: datetime | None
+    forced: bool
+    probe: uuid.UUID | None
+    failures_in_window: int
+    window: float
+    changed_at: datetime | None
+    changed_by: str | None
+    reason: str | None
+    version: int
+
+
+class BreakerEventView(_Response):
+    version: int
+    time: datetime
+    type: str
+    actor: str
+    what: str
+
+
+class ForceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: str = Field(min_length=1, max_length=1000, description="Why (kept in the breaker's history).")
+
+
+class ViewState(_Response):
+    """A view's position in the event log, and how far it is behind (``broker-q projections status``)."""
+
+    name: str
+    generation: int
+    position: int
+    head: int
+    lag_events: int
+    lag_seconds: float
+    updated_at: datetime | None
+    rebuilding: dict[str, int] | None
 
 
 # -- health ---------------------------------------------------------------------------------------

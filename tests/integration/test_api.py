@@ -322,3 +322,69 @@ async def test_values_at_the_edges_of_their_types_are_answered_not_crashed_on(ap
     for path, params in (("/v1/audit", {"after": 2**63}), ("/v1/events", {"from_position": 2**63}),
                          ("/v1/state", {"position": 2**64})):
         assert (await api.call("GET", path, params=params)).status_code == 422, path
+
+
+async def test_tokens_are_made_listed_and_revoked(api: Api) -> None:
+    made = await api.ok("POST", "/v1/tokens", status=201, json={"name": "ci-bot", "roles": ["producer"],
+                                                                "tenant": "acme", "expires_in_seconds": 3600})
+    assert made["token"].startswith("bq_")
+    assert (made["roles"], made["tenant"], made["active"]) == (["producer"], "acme", True)
+    submitted = await api.call("POST", "/v1/tasks", token=made["token"], json={"task": "add", "args": [1, 1]})
+    assert submitted.status_code == 201
+    assert submitted.json()["tenant"] == "acme"
+    listed = await api.ok("GET", "/v1/tokens")
+    assert made["id"] in {t["id"] for t in listed}
+    assert all("token" not in t for t in listed), "a token is shown once, when it is made"
+
+    revoked = await api.ok("DELETE", f"/v1/tokens/{made['id']}", params={"reason": "rotated"})
+    assert (revoked["active"], revoked["revoked_by"]) == (False, "token:admin-all")
+    assert (await api.call("POST", "/v1/tasks", token=made["token"], json={"task": "add"})).status_code == 401
+    assert (await api.call("DELETE", f"/v1/tokens/{made['id']}")).status_code == 409
+    assert (await api.call("DELETE", f"/v1/tokens/{uuid.uuid4()}")).status_code == 404
+    # An admin of one tenant manages that tenant's tokens only.
+    theirs = await api.ok("POST", "/v1/tokens", status=201, json={"name": "other", "roles": ["viewer"],
+                                                                  "tenant": "globex"})
+    assert (await api.call("DELETE", f"/v1/tokens/{theirs['id']}", tenant="acme")).status_code == 404
+    assert {t["tenant"] for t in await api.ok("GET", "/v1/tokens", tenant="acme")} == {"acme"}
+
+
+async def test_a_submission_over_a_tenant_quota_is_refused_with_429_and_audited(api: Api) -> None:
+    created = await api.ok("POST", "/v1/tenants", status=201, json={"name": "small", "description": "tiny"})
+    assert created["quota"] == dict.fromkeys(("max_waiting", "submit_rate", "submit_burst", "max_payload_bytes"))
+    assert (await api.call("POST", "/v1/tenants", json={"name": "small"})).status_code == 409
+    quota = await api.ok("PATCH", "/v1/tenants/small/quota", json={"max_payload_bytes": 64})
+    assert quota["max_payload_bytes"] == 64
+    assert (await api.ok("GET", "/v1/tenants/small/quota"))["max_payload_bytes"] == 64
+    bad = await api.call("PATCH", "/v1/tenants/small/quota", json={"submit_burst": 3})
+    assert bad.status_code == 422, "a burst needs a rate"
+
+    await api.ok("POST", "/v1/tasks", status=201, json={"task": "add", "args": [1, 2], "tenant": "small"})
+    refused = await api.call("POST", "/v1/tasks", json={"task": "add", "kwargs": {"x": 1, "y": 10**60},
+                                                        "tenant": "small"})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "quota_exceeded"
+    assert "max_payload_bytes" in refused.json()["error"]["message"]
+    await asyncio.to_thread(catch_up, api.app)
+    audited = (await api.ok("GET", "/v1/audit", params={"type": "quota_exceeded"}))["items"]
+    assert [(r["tenant"], r["actor"]) for r in audited] == [("small", "token:admin-all")]
+    assert [t["name"] for t in await api.ok("GET", "/v1/tenants")] == ["small"]
+
+
+async def test_breakers_are_listed_opened_and_closed(api: Api) -> None:
+    opened = await api.ok("POST", "/v1/breakers/payments/open", json={"reason": "provider down"})
+    assert (opened["service"], opened["status"], opened["forced"]) == ("payments", "open", True)
+    assert [b["service"] for b in await api.ok("GET", "/v1/breakers")] == ["payments"]
+    closed = await api.ok("POST", "/v1/breakers/payments/close", json={"reason": "back"})
+    assert closed["status"] == "closed"
+    timeline = await api.ok("GET", "/v1/breakers/payments/timeline")
+    assert [e["actor"] for e in timeline] == ["token:admin-all", "token:admin-all"]
+
+
+async def test_views_report_their_position_and_lag(api: Api) -> None:
+    await api.ok("POST", "/v1/tasks", status=201, json={"task": "add", "args": [1, 1]})
+    behind = {v["name"]: v for v in await api.ok("GET", "/v1/views")}
+    assert behind["tasks"]["lag_events"] >= 1
+    await asyncio.to_thread(catch_up, api.app)
+    caught_up = {v["name"]: v for v in await api.ok("GET", "/v1/views")}
+    assert {v["lag_events"] for v in caught_up.values()} == {0}
+    assert set(caught_up) == {"tasks", "audit"}

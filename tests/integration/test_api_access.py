@@ -73,6 +73,18 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/events", Permission.READ),
     Endpoint("GET", "/v1/state", Permission.READ, params={"position": 1}),
     Endpoint("GET", "/metrics", Permission.READ),
+    Endpoint("GET", "/v1/views", Permission.READ),
+    Endpoint("GET", "/v1/breakers", Permission.READ),
+    Endpoint("GET", "/v1/breakers/payments/timeline", Permission.READ),
+    Endpoint("POST", "/v1/breakers/payments/open", Permission.SCHEDULES, {"reason": "r"}),
+    Endpoint("POST", "/v1/breakers/payments/close", Permission.SCHEDULES, {"reason": "r"}),
+    Endpoint("GET", "/v1/tokens", Permission.TOKENS),
+    Endpoint("POST", "/v1/tokens", Permission.TOKENS, {"name": "t", "roles": ["viewer"]}),
+    Endpoint("DELETE", "/v1/tokens/{token}", Permission.TOKENS),
+    Endpoint("GET", "/v1/tenants", Permission.TENANTS),
+    Endpoint("POST", "/v1/tenants", Permission.TENANTS, {"name": "acme"}),
+    Endpoint("GET", "/v1/tenants/acme/quota", Permission.TENANTS),
+    Endpoint("PATCH", "/v1/tenants/acme/quota", Permission.TENANTS, {"max_waiting": 1000}),
 ]
 
 
@@ -85,7 +97,8 @@ async def records_of(api: Api, tenant: str) -> dict[str, str]:
                                                tenant=tenant)
     await api.ok("POST", "/v1/schedules", json={"name": "s1", "cron": "0 * * * *", "task": "add", "args": [1, 2],
                                                 "tenant": tenant})
-    return {"task": task["id"], "workflow": str(workflow.id)}
+    _, token = app.access.create_token(name="a-token", roles=["viewer"], tenant=tenant, actor="test")
+    return {"task": task["id"], "workflow": str(workflow.id), "token": str(token.token_id)}
 
 
 @pytest.mark.parametrize("role", list(Role))
