@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -49,7 +51,19 @@ def create_api(app: App, *, public_metrics: bool | None = None) -> FastAPI:
 
 
 def serve(app: App, *, host: str = "127.0.0.1", port: int = 8000, public_metrics: bool | None = None) -> None:
-    """Serve the API of ``app`` until SIGINT or SIGTERM."""
+    """Serve the API of ``app`` until SIGINT or SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
-    uvicorn.run(create_api(app, public_metrics=public_metrics), host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(create_api(app, public_metrics=public_metrics), host=host, port=port,
+                                           log_level="info"))
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    # SIGTERM is how the API is meant to stop. uvicorn shuts down gracefully, then raises the signal
+    # again for the handler that was there before it: this one, which makes it a normal exit (status
+    # 0, as for every other broker-q process) instead of death by the signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
