@@ -42,6 +42,7 @@ PERMISSIONS: dict[str, Permission | None] = {
     "submit": Permission.SUBMIT,
     "status": Permission.READ, "history": Permission.READ, "events": Permission.READ, "replay": Permission.READ,
     "state": Permission.READ, "queues": Permission.READ, "tasks": Permission.READ, "dlq list": Permission.READ,
+    "schedules": Permission.READ, "breakers": Permission.READ,
     "projections status": Permission.READ, "breakers timeline": Permission.READ, "schedules list": Permission.READ,
     "schedules next": Permission.READ, "schedules history": Permission.READ, "workflow": Permission.READ,
     "cancel": Permission.CANCEL,
@@ -206,8 +207,8 @@ def _parser() -> argparse.ArgumentParser:
 def _name_commands(parser: argparse.ArgumentParser, path: list[str]) -> None:
     """Give every command its path (``dlq replay``) as ``options.path``: what :data:`PERMISSIONS` is keyed by."""
     subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subcommands and path:
-        parser.set_defaults(path=" ".join(path))
+    if path and (not subcommands or parser.get_default("command") is not None):
+        parser.set_defaults(path=" ".join(path))  # a command, or a group that runs one when given none
     for action in subcommands:
         for name, sub in action.choices.items():
             _name_commands(sub, [*path, name])

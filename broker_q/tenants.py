@@ -93,6 +93,10 @@ class Tenants:
     def list(self) -> list[TenantInfo]:
         return sorted(self._current().tenants.values(), key=lambda info: info.name)
 
+    def created(self) -> frozenset[str]:
+        """The tenants an admin created: each has work queues of its own (see ``Topology.route``)."""
+        return frozenset(name for name, info in self._current().tenants.items() if info.created_at is not None)
+
     def quota(self, tenant: str) -> Quota:
         return self._current().quota(tenant)
 
