@@ -126,7 +126,7 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    # Not logged here: Starlette raises the error again after this answer, for the server to log it.
     return error_response(500, "internal_error", "internal server error (logged by the server)")
 
 

@@ -1,4 +1,4 @@
-"""``/healthz``, ``/readyz`` and ``/metrics``: for the orchestrator and for Prometheus.
+"""``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/views``: for the orchestrator, Prometheus and operators.
 
 ``/healthz`` says the process answers; ``/readyz`` that the event store and RabbitMQ answer too
 (503, naming which does not). Neither needs a token: they reveal nothing but that. ``/metrics``
@@ -11,6 +11,7 @@ scrapes without one.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -33,6 +34,7 @@ from broker_q.errors import BrokerQError
 __all__ = ["CHECK_TIMEOUT", "router"]
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 5.0
 """Seconds each readiness check may take before it counts as failed."""
@@ -66,6 +68,9 @@ async def _check_store(context: Context) -> str | None:
         return f"no answer within {CHECK_TIMEOUT:g}s"
     except BrokerQError as e:
         return str(e)
+    except Exception as e:  # a driver's error that no adapter translated: not ready all the same
+        log.warning("the store check failed", exc_info=e)
+        return f"{type(e).__name__}: {e}"
     return None
 
 

@@ -26,7 +26,6 @@ __all__ = ["router", "task_view", "visible_task"]
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
 
-
 def task_view(caller: Caller, state: TaskState) -> TaskView:
     """A task's state as ``caller`` may see it."""
     return TaskView.model_validate(caller.payloads(status_view(state), state.tenant, state.task_id))
@@ -75,11 +74,11 @@ def get_task(task_id: uuid.UUID, caller: CallerDep) -> TaskView:
 def history(task_id: uuid.UUID, caller: CallerDep) -> Timeline:
     """Every event of the task, with durations: waiting before the first start, each attempt's run
     time, the total (``broker-q replay ID --json``)."""
-    history = timeline(caller.context.app.store, task_id)
-    state = history.state
+    told = timeline(caller.context.app.store, task_id)
+    state = told.state
     caller.authorize_record(Permission.READ, state.tenant, f"read the history of task {task_id}",
                             f"no task with id {task_id}")
-    found = timeline_json(history)
+    found = timeline_json(told)
     hidden = not caller.sees_payloads(state.tenant)
     events = [{**row, "details": caller.event_details(row["details"], state.tenant, task_id)[0]}
               for row in found["events"]]
