@@ -14,7 +14,7 @@ from broker_q.api.auth import CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import QUEUE_PATTERN, EventPage, StateAsOf
 from broker_q.api.params import MAX_POSITION, Limit, Tenant, Time, aware
-from broker_q.api.tasks import task_view
+from broker_q.api.tasks import not_found, task_view
 from broker_q.errors import ValidationError
 from projections.cli import event_json
 from projections.replay import events, queue_counts_at, task_state_at
@@ -77,7 +77,8 @@ def state_as_of(
     if task is not None:
         if queue is not None or tenant is not None:
             raise ValidationError("queue and tenant filter the counts: they do not apply with task")
-        now = caller.context.app.get_task(task)
+        with not_found(f"no task with id {task}"):
+            now = caller.context.app.get_task(task)
         caller.authorize_record(Permission.READ, now.tenant, f"read the past states of task {task}",
                                 f"no task with id {task}")
         then = task_state_at(store, task, at=aware(at), position=position)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, Response, status
 
@@ -16,12 +18,12 @@ from broker_q.api.auth import Caller, CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import CancelRequest, TaskSubmission, TaskView, Timeline
 from broker_q.domain.task import TaskState
-from broker_q.errors import DomainError, ValidationError
+from broker_q.errors import DomainError, TaskNotFound, ValidationError
 from broker_q.rendering import status_view
 from projections.cli import timeline_json
 from projections.replay import timeline
 
-__all__ = ["router", "task_view", "visible_task"]
+__all__ = ["not_found", "router", "task_view", "visible_task"]
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -34,9 +36,22 @@ def task_view(caller: Caller, state: TaskState) -> TaskView:
 def visible_task(caller: Caller, task_id: uuid.UUID, permission: Permission, action: str) -> TaskState:
     """The task's current state, once ``caller`` is allowed ``permission`` on its tenant (404 for a
     task of a tenant the caller cannot see, as for one that does not exist)."""
-    state = caller.context.app.get_task(task_id)
+    with not_found(f"no task with id {task_id}"):
+        state = caller.context.app.get_task(task_id)
     caller.authorize_record(permission, state.tenant, f"{action} task {task_id}", f"no task with id {task_id}")
     return state
+
+
+@contextmanager
+def not_found(message: str) -> Iterator[None]:
+    """Any :class:`TaskNotFound` raised within says ``message`` and nothing else. The store's own
+    message may say what the id names instead (a schedule, a workflow...), and ids derived from
+    names (a schedule's, an idempotency key's) can be computed for another tenant: that must not
+    tell whether that tenant has such a record."""
+    try:
+        yield
+    except TaskNotFound:
+        raise TaskNotFound(message) from None
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskView,
@@ -74,7 +89,8 @@ def get_task(task_id: uuid.UUID, caller: CallerDep) -> TaskView:
 def history(task_id: uuid.UUID, caller: CallerDep) -> Timeline:
     """Every event of the task, with durations: waiting before the first start, each attempt's run
     time, the total (``broker-q replay ID --json``)."""
-    told = timeline(caller.context.app.store, task_id)
+    with not_found(f"no task with id {task_id}"):
+        told = timeline(caller.context.app.store, task_id)
     state = told.state
     caller.authorize_record(Permission.READ, state.tenant, f"read the history of task {task_id}",
                             f"no task with id {task_id}")

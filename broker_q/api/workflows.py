@@ -10,6 +10,7 @@ from broker_q.access import Permission
 from broker_q.api.auth import CallerDep
 from broker_q.api.errors import errors
 from broker_q.api.models import CancelRequest, WorkflowView
+from broker_q.api.tasks import not_found
 from broker_q.workflows import Workflows, status_json
 
 __all__ = ["router"]
@@ -23,7 +24,8 @@ router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 def get_workflow(workflow_id: uuid.UUID, caller: CallerDep) -> WorkflowView:
     """Each step's state, what each blocked step waits for, and the critical path (``broker-q workflow ID``)."""
     workflows = Workflows(caller.context.app)
-    state = workflows.state(workflow_id)
+    with not_found(f"no workflow with id {workflow_id}"):
+        state = workflows.state(workflow_id)
     caller.authorize_record(Permission.READ, state.tenant, f"read workflow {workflow_id}",
                             f"no workflow with id {workflow_id}")
     return WorkflowView.model_validate(status_json(workflows.status(workflow_id)))
@@ -35,7 +37,8 @@ def cancel_workflow(workflow_id: uuid.UUID, body: CancelRequest, caller: CallerD
     """Cancel the workflow and every step of it that is not final (running steps are asked to stop).
     409 if it was cancelled already or has no step left to cancel."""
     workflows = Workflows(caller.context.app)
-    state = workflows.state(workflow_id)
+    with not_found(f"no workflow with id {workflow_id}"):
+        state = workflows.state(workflow_id)
     caller.authorize_record(Permission.CANCEL, state.tenant, f"cancel workflow {workflow_id}",
                             f"no workflow with id {workflow_id}")
     return WorkflowView.model_validate(status_json(workflows.cancel(workflow_id, reason=body.reason,

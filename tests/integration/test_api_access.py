@@ -18,6 +18,7 @@ import pytest
 from broker_q import App
 from broker_q.access import ROLE_PERMISSIONS, Permission, Role
 from broker_q.canvas import chain
+from broker_q.domain.schedule import schedule_id
 from tests.helpers import wait_for
 from tests.integration.api_support import Api, api_for, catch_up
 
@@ -180,6 +181,12 @@ async def test_a_principal_of_one_tenant_sees_nothing_of_another(api: Api) -> No
         assert theirs.json()["error"]["type"] == missing.json()["error"]["type"]
         assert theirs.json()["error"]["message"].replace(globex["task"], "ID").replace(globex["workflow"], "ID") == \
             missing.json()["error"]["message"].replace(unknown, "ID")
+    # Ids derived from names can be computed for another tenant: what they name is not told either.
+    for probe in (f"/v1/tasks/{schedule_id('globex', 's1')}", f"/v1/tasks/{globex['workflow']}/history",
+                  f"/v1/workflows/{globex['task']}", f"/v1/workflows/{acme['task']}"):
+        response = await api.call("GET", probe, role="viewer", tenant="acme")
+        assert response.status_code == 404, probe
+        assert "record" not in response.json()["error"]["message"], probe
     for method, path, body in (("POST", f"/v1/tasks/{globex['task']}/cancel", {}),
                                ("POST", f"/v1/dead-letters/{globex['task']}/replay", {"reason": "r"}),
                                ("POST", f"/v1/workflows/{globex['workflow']}/cancel", {})):
