@@ -417,10 +417,10 @@ class App:
         """
         for parent in event.depends_on:
             events = self.store.read_stream(parent, to_version=1)
-            if not events or not isinstance(events[0], TaskSubmitted):
-                raise ValidationError(f"depends_on: no task with id {parent}")
-            if events[0].tenant != event.tenant:
-                raise ValidationError(f"depends_on: task {parent} belongs to another tenant")
+            # Another tenant's task is refused in the very words of a missing one: ids derived from
+            # idempotency keys can be computed for any tenant, and must not tell what it submitted.
+            if not events or not isinstance(events[0], TaskSubmitted) or events[0].tenant != event.tenant:
+                raise ValidationError(f"depends_on: no task with id {parent} in tenant {event.tenant}")
 
     # -- operating ----------------------------------------------------------------------------
 

@@ -222,6 +222,12 @@ async def test_a_principal_of_one_tenant_sees_nothing_of_another(api: Api) -> No
                                ("/v1/audit", {"tenant": "globex"}, "auditor")):
         response = await api.call("GET", path, role=role, tenant="acme", params=params)
         assert response.status_code == 403, path
+    # Naming another tenant's task as a parent is answered as naming no task.
+    for parent in (globex["task"], unknown):
+        waiting = await api.call("POST", "/v1/tasks", role="producer", tenant="acme",
+                                 json={"task": "add", "args": [1, 1], "depends_on": [parent]})
+        assert waiting.status_code == 422
+        assert waiting.json()["error"]["message"] == f"depends_on: no task with id {parent} in tenant acme"
     submit = await api.call("POST", "/v1/tasks", role="producer", tenant="acme",
                             json={"task": "add", "args": [1, 1], "tenant": "globex"})
     assert submit.status_code == 403
