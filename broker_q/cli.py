@@ -180,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("id")
     sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
+    sub = command("api", _api, "serve the HTTP API (bearer tokens; OpenAPI at /openapi.json)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    sub.add_argument("--app", metavar="MODULE:APP", help="check submitted arguments against this App's tasks")
+    sub.add_argument("--public-metrics", action="store_true", default=None,
+                     help="serve /metrics without a token (default: $BROKER_Q_API_PUBLIC_METRICS or off)")
+
     from broker_q.admin import add_commands as add_admin_commands
     from broker_q.breakers import add_commands as add_breaker_commands
     from broker_q.schedules import add_commands as add_schedule_commands
@@ -317,6 +324,14 @@ def _cancel(options: argparse.Namespace) -> int:
     authorize_task(options, Permission.CANCEL, app.get_task(task_id).tenant, f"cancel {task_id}")
     state = app.cancel(task_id, reason=options.reason, actor=actor_of(options))
     print(f"{state.task_id} cancelled at v{state.version}: {state.cancel_reason}")
+    return 0
+
+
+def _api(options: argparse.Namespace) -> int:
+    from broker_q.api import serve
+
+    app = _app(options, load_app(options.app) if options.app else None)
+    serve(app, host=options.host, port=options.port, public_metrics=options.public_metrics)
     return 0
 
 

@@ -108,6 +108,7 @@ EXPORTED = {
                         "compile_workflow", "dag", "group"],
     "broker_q.workflows": ["WorkflowHandle", "Workflows", "add_commands", "status_json"],
     "broker_q.amqp": ["REASON_HEADER", "Topology", "connect", "redact"],
+    "broker_q.api": ["create_api", "serve"],
     "broker_q.errors": [
         "BrokerQError",
         "BrokerUnavailable",
