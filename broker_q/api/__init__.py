@@ -12,6 +12,7 @@ with any ASGI server or to call it in tests. OpenAPI at ``/openapi.json``. One m
 - :mod:`~broker_q.api.breakers`: ``/v1/breakers``;
 - :mod:`~broker_q.api.admin`: ``/v1/tokens``, ``/v1/tenants``;
 - :mod:`~broker_q.api.health`: ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/views``;
+- :mod:`~broker_q.api.activity`: ``/v1/activity`` (throughput, workers seen, recent tasks and workflows);
 
 and around them :mod:`~broker_q.api.auth` (tokens, permissions, tenants, payloads),
 :mod:`~broker_q.api.errors` (errors to statuses), :mod:`~broker_q.api.models` (the bodies),

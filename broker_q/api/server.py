@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from broker_q.api import admin, audit, breakers, health, queues, replay, schedules, tasks, workflows
+from broker_q.api import activity, admin, audit, breakers, health, queues, replay, schedules, tasks, workflows
 from broker_q.api.context import Context
 from broker_q.api.errors import install_error_handlers
 from broker_q.app import App
@@ -45,7 +45,7 @@ def create_api(app: App, *, public_metrics: bool | None = None) -> FastAPI:
     api = FastAPI(title="broker_q", version="1", description=_DESCRIPTION, lifespan=lifespan)
     api.state.context = context
     install_error_handlers(api)
-    for module in (tasks, queues, schedules, workflows, audit, replay, breakers, admin, health):
+    for module in (tasks, queues, schedules, workflows, audit, replay, breakers, admin, health, activity):
         api.include_router(module.router)
     return api
 
