@@ -5,7 +5,8 @@ number survives restarts and traces back to the events behind it:
 
 - ``/v1/activity``: submissions and attempt outcomes per time slot over the last minutes, and the
   workers that recorded an event in that time;
-- ``/v1/activity/tasks``: the tasks submitted most recently, with their state now;
+- ``/v1/activity/tasks``: the tasks submitted (or replayed, dead-lettered, cancelled) most recently,
+  with their state now;
 - ``/v1/activity/workflows``: the workflows submitted most recently.
 
 All need ``read``; a principal bound to a tenant sees its own tenant's only.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +29,7 @@ from broker_q.api.models import QUEUE_PATTERN, AuditRecord, TaskRow
 from broker_q.api.params import Limit, Tenant
 from projections.queries import activity, recent, tasks_by_id
 
-__all__ = ["ActivitySlot", "ActivityView", "RecentTasks", "RecentWorkflows", "WorkerSeen", "router"]
+__all__ = ["ActivitySlot", "ActivityView", "RecentTask", "RecentTasks", "RecentWorkflows", "WorkerSeen", "router"]
 
 router = APIRouter(prefix="/v1/activity", tags=["activity"])
 
@@ -66,8 +67,12 @@ class ActivityView(_Response):
                                                   "most recently seen first (at most 100).")
 
 
+class RecentTask(TaskRow):
+    event: AuditRecord = Field(description="The event asked for: when, by whom, and what it said.")
+
+
 class RecentTasks(_Response):
-    items: list[TaskRow] = Field(description="Newest submission first, each as the tasks view holds it now.")
+    items: list[RecentTask] = Field(description="Newest event first, each task as the tasks view holds it now.")
     next: str | None = Field(description="Pass as `before` for older ones; null when there are none.")
 
 
@@ -99,27 +104,30 @@ def get_activity(
 
 
 @router.get("/tasks", response_model=RecentTasks, responses=errors(401, 403, 422, 503),
-            summary="The tasks submitted most recently")
+            summary="The tasks submitted (or replayed...) most recently")
 def recent_tasks(
     caller: CallerDep,
     tenant: Tenant = None,
+    event: Annotated[Literal["submitted", "replayed", "dead_lettered", "cancelled"],
+                     Query(description="Which event: the tasks that recorded it most recently.")] = "submitted",
     queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN, description="Only this queue's.")] = None,
     before: Cursor = None,
     limit: Limit = 50,
 ) -> RecentTasks:
-    """Newest submission first, each with its state now (from the tasks view). With ``queue``, a page
-    may hold fewer than ``limit`` tasks while ``next`` says older ones remain."""
+    """Newest first, each with its state now (from the tasks view) and the event itself (who replayed
+    a dead letter and why, say). With ``queue``, a page may hold fewer than ``limit`` tasks while
+    ``next`` says older ones remain."""
     scope = caller.authorize(Permission.READ, tenant, "list recent tasks")
     audit_view, tasks_view = caller.context.view("audit"), caller.context.view("tasks")
     items: list[dict[str, Any]] = []
     cursor = before
     for _ in range(_SCAN_PAGES):
-        records, following = recent(audit_view, type="submitted", tenant=scope, limit=limit, before=cursor)
+        records, following = recent(audit_view, type=event, tenant=scope, limit=limit, before=cursor)
         rows = tasks_by_id(tasks_view, [str(record["task_id"]) for record in records])
         for record in records:
             row = rows.get(str(record["task_id"]))
             if row is not None and (queue is None or row["queue"] == queue):
-                items.append(row)
+                items.append({**row, "event": record})
                 if len(items) == limit:  # the page ends here, even within the records read
                     following = record["cursor"] if record is not records[-1] or following else None
                     break

@@ -94,3 +94,16 @@ async def test_recent_workflows_name_each_workflow_by_its_id(api: Api) -> None:
     found = await api.ok("GET", "/v1/activity/workflows")
     assert [(w["stream_id"], w["tenant"]) for w in found["items"]] == [(str(workflow.id), "acme")]
     assert (await api.ok("GET", "/v1/activity/workflows", role="viewer", tenant="globex"))["items"] == []
+
+
+async def test_recent_replays_say_who_replayed_which_dead_letter_and_why(api: Api) -> None:
+    app = api.app
+    async with running(app):
+        handle = await app.submit_async("fail", max_attempts=1)
+        await wait_for(lambda: app.get_task(handle.id).status == "dead_lettered", timeout=20, what="a dead letter")
+    await asyncio.to_thread(app.replay_dead_letter, handle.id, reason="fixed the bug", actor="token:ops")
+    await asyncio.to_thread(catch_up, app)
+    replays = (await api.ok("GET", "/v1/activity/tasks", params={"event": "replayed"}))["items"]
+    assert [(t["id"], t["state"]) for t in replays] == [(str(handle.id), "ready")]
+    assert replays[0]["event"]["actor"] == "token:ops"
+    assert "fixed the bug" in replays[0]["event"]["summary"]
