@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from broker_q import dashboard
 from broker_q.api import activity, admin, audit, breakers, health, queues, replay, schedules, tasks, workflows
 from broker_q.api.context import Context
 from broker_q.api.errors import install_error_handlers
@@ -47,6 +48,7 @@ def create_api(app: App, *, public_metrics: bool | None = None) -> FastAPI:
     install_error_handlers(api)
     for module in (tasks, queues, schedules, workflows, audit, replay, breakers, admin, health, activity):
         api.include_router(module.router)
+    dashboard.install(api)
     return api
 
 
