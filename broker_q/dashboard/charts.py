@@ -33,6 +33,8 @@ class Chart:
     bars: tuple[Bar, ...]
     rate_points: str
     """The failure rate as an SVG polyline (0 % at the bottom, 100 % at the top)."""
+    rate_dots: tuple[tuple[float, float], ...]
+    """The polyline's points, each drawn as a dot (a lone point draws no line)."""
     totals: dict[str, int]
     failure_rate: float | None
 
@@ -56,7 +58,8 @@ def throughput_chart(slots: Sequence[Any], *, width: int = 600, height: int = 14
     counts = [{kind: int(getattr(slot, kind)) for kind, _ in SERIES} for slot in slots]
     top = _nice(max([sum(c.values()) for c in counts] + [1]))
     step = width / max(len(slots), 1)
-    bars, points = [], []
+    bars: list[Bar] = []
+    points: list[tuple[float, float]] = []
     for index, (slot, count) in enumerate(zip(slots, counts, strict=True)):
         x, y, segments = index * step, float(height), []
         for kind, _ in SERIES:
@@ -70,8 +73,8 @@ def throughput_chart(slots: Sequence[Any], *, width: int = 600, height: int = 14
                  + ("" if rate is None else f" ({rate:.0%} failure rate)"))
         bars.append(Bar(round(x + step * 0.1, 2), round(step * 0.8, 2), label, tuple(segments), rate))
         if rate is not None:
-            points.append(f"{x + step / 2:.1f},{height - rate * height:.1f}")
+            points.append((round(x + step / 2, 1), round(height - rate * height, 1)))
     totals = {kind: sum(c[kind] for c in counts) for kind, _ in SERIES}
     failed_total = totals["retry_scheduled"] + totals["dead_lettered"]
-    return Chart(width, height, top, tuple(bars), " ".join(points), totals,
+    return Chart(width, height, top, tuple(bars), " ".join(f"{x},{y}" for x, y in points), tuple(points), totals,
                  _rate(failed_total, sum(totals.values())))

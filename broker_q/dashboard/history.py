@@ -47,6 +47,14 @@ def _task_id(text: str | None) -> uuid.UUID | None:
         raise ValidationError(f"task: {text!r} is not a task id") from None
 
 
+def _position(text: str | None) -> int | None:
+    if not text:
+        return None
+    if not text.strip().isdigit() or int(text) > MAX_POSITION:
+        raise ValidationError(f"position: {text!r} is not a log position")
+    return int(text)
+
+
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request, caller: SignedIn, tenant: Tenant = None, actor: Text = None, task: Text = None,
                type: Text = None, since: Moment = None, until: Moment = None,
@@ -76,19 +84,19 @@ def time_travel(
     request: Request,
     caller: SignedIn,
     at: Moment = None,
-    position: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
+    position: Annotated[str | None, Query(max_length=20, description="A log position (empty: none)")] = None,
     queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
     tenant: Tenant = None,
     task: Text = None,
 ) -> Response:
     """Counts per queue (or one task's state) then, beside the same now."""
     moment, then, now_state, counts = _time(at, "at"), None, None, None
-    task_id = _task_id(task)
-    if moment is not None or position is not None:
+    task_id, offset = _task_id(task), _position(position)
+    if moment is not None or offset is not None:
         if task_id is not None:
-            then = replay.state_as_of(caller, at=moment, position=position, task=task_id, queue=None, tenant=None)
+            then = replay.state_as_of(caller, at=moment, position=offset, task=task_id, queue=None, tenant=None)
             now_state = tasks.get_task(task_id, caller)
-        counts = replay.state_as_of(caller, at=moment, position=position, task=None, queue=queue, tenant=tenant)
+        counts = replay.state_as_of(caller, at=moment, position=offset, task=None, queue=queue, tenant=tenant)
     return page(request, "time_travel.html", caller, title="Time travel", then=then, now_state=now_state,
                 counts=counts, filters={"at": at, "position": position, "queue": queue, "tenant": tenant,
                                         "task": task})

@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pydantic
 from fastapi import Depends, Request, Response
@@ -166,6 +167,14 @@ def _ago(value: str | datetime | None) -> str:
     return f"{_seconds(max(0.0, (datetime.now(UTC) - moment).total_seconds()))} ago"
 
 
+def _local(value: datetime, zone: str) -> str:
+    """``value`` in the IANA zone ``zone`` (a schedule's), as its wall clock reads."""
+    try:
+        return value.astimezone(ZoneInfo(zone)).strftime(f"%Y-%m-%d %H:%M:%S {zone}")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ""
+
+
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
@@ -177,7 +186,7 @@ def url(path: str, values: Mapping[str, Any] | None = None, **changes: Any) -> s
     return f"{path}?{query}" if query else path
 
 
-templates.filters.update(when=_when, seconds=_seconds, ago=_ago, pretty=_pretty)
+templates.filters.update(when=_when, seconds=_seconds, ago=_ago, pretty=_pretty, local=_local)
 templates.globals.update(url=url, state_label=lambda state: str(state).replace("_", " "))
 
 
@@ -193,6 +202,11 @@ class PageRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
+            if request.url.query:
+                # A filter form sends its empty fields too ("tenant="): they mean "not filtered".
+                kept = [(k, v) for k, v in urllib.parse.parse_qsl(request.url.query, keep_blank_values=True) if v]
+                request.scope["query_string"] = urllib.parse.urlencode(kept).encode()
+                request = Request(request.scope, request.receive)
             try:
                 return await handler(request)
             except Unauthenticated:

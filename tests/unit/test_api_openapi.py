@@ -28,6 +28,7 @@ ENDPOINTS = {
     ("GET", "/v1/tenants"), ("POST", "/v1/tenants"), ("GET", "/v1/tenants/{tenant}/quota"),
     ("PATCH", "/v1/tenants/{tenant}/quota"),
     ("GET", "/v1/views"), ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/readyz"),
+    ("GET", "/v1/activity"), ("GET", "/v1/activity/tasks"), ("GET", "/v1/activity/workflows"),
 }
 OPEN = {("GET", "/healthz"), ("GET", "/readyz")}
 """The only operations without a token."""

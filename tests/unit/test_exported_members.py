@@ -109,6 +109,7 @@ EXPORTED = {
     "broker_q.workflows": ["WorkflowHandle", "Workflows", "add_commands", "status_json"],
     "broker_q.amqp": ["REASON_HEADER", "Topology", "connect", "redact"],
     "broker_q.api": ["create_api", "serve"],
+    "broker_q.dashboard": ["install"],
     "broker_q.errors": [
         "BrokerQError",
         "BrokerUnavailable",
