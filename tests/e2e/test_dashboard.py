@@ -321,6 +321,11 @@ def test_workflow_graph_schedules_breakers_and_time_travel(deployment: Deploymen
     expect(page.get_by_role("link", name="step report: blocked, waits for clean, enrich")).to_be_visible()
     expect(page.locator("path.edge.blocking")).to_have_count(4)
     shot(page, "workflow")
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()  # the first stop of the keyboard
+    page.get_by_role("link", name="step lookup: succeeded").focus()  # a step of the graph is a link, by keyboard too
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="add", level=1)).to_be_visible()
     page.goto(f"{deployment.url}/ui/workflows")
     expect(page.locator("#workflow-table")).to_contain_text(str(workflow.id)[:8], timeout=LIVE)
 
