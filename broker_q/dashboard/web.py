@@ -210,8 +210,10 @@ class PageRoute(APIRoute):
             try:
                 return await handler(request)
             except Unauthenticated:
-                if request.headers.get("x-live-update") or request.method != "GET":
-                    return Response(status_code=401)
+                if request.headers.get("x-live-update"):
+                    return Response(status_code=401)  # the page's script reloads, and lands on the login page
+                if request.method != "GET":  # a form posted after the token expired: sign in again
+                    return redirect(f"{PREFIX}/login")
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return redirect(url(f"{PREFIX}/login", next=target))
             except RequestValidationError as e:

@@ -47,6 +47,11 @@ async def test_without_a_session_pages_lead_to_the_login_page(api: Api) -> None:
     assert response.headers["location"] == "/ui/login?next=%2Fui%2Ftasks%3Fqueue%3Ddefault"
     live = await api.client.get("/ui/", headers={"X-Live-Update": "1"})
     assert live.status_code == 401, "a page's own update is told, not redirected"
+    posted = await api.client.post("/ui/logout", data={})
+    assert posted.status_code == 403, "a form without the session's token is refused before anything"
+    expired = await api.client.post("/ui/tasks/00000000-0000-0000-0000-000000000000/cancel", data={"csrf": "x"},
+                                    headers={"Cookie": f"{COOKIE}=bq_nope"})
+    assert (expired.status_code, expired.headers["location"]) == (303, "/ui/login")
     assert (await api.client.get("/ui/login")).status_code == 200
     assert (await api.client.get("/ui")).headers["location"] == "/ui/"
 
