@@ -239,6 +239,11 @@ def test_a_dead_letter_replayed_from_its_page_runs_again(deployment: Deployment,
     page.goto(f"{deployment.url}/ui/dead-letters")
     expect(page.get_by_role("heading", name="ValueError")).to_be_visible()
     shot(page, "dead-letters")
+    page.get_by_role("link", name="flaky").click()
+    expect(page.locator(".traceback")).to_contain_text("ValueError: the file")
+    expect(page.get_by_role("button", name="Replay (run again)")).to_be_visible()
+    shot(page, "dead-letter")
+    page.go_back()
 
     marker.touch()  # what made it fail is fixed
     page.get_by_label("Select flaky").check()

@@ -28,7 +28,7 @@
             wire(region);
           }
         }
-        status.textContent = "updated " + new Date().toLocaleTimeString();
+        status.textContent = "updated " + new Date().toLocaleTimeString([], { hour12: false });
       } catch (error) {
         status.textContent = "offline, retrying";
       } finally {
@@ -38,7 +38,7 @@
     toggle.addEventListener("click", () => {
       on = !on;
       toggle.setAttribute("aria-pressed", String(on));
-      toggle.textContent = "Live updates: " + (on ? "on" : "paused");
+      toggle.textContent = "Live: " + (on ? "on" : "paused");
       clearTimeout(timer);
       if (on) refresh();
     });
