@@ -32,12 +32,17 @@ from broker_q.errors import BrokerQError, PermissionDenied, Unauthenticated
 
 __all__ = [
     "COOKIE",
+    "PREFIX",
     "FormDep",
+    "FormRefused",
     "PageRoute",
     "SignedIn",
     "csrf_token",
+    "field",
+    "form",
     "page",
     "redirect",
+    "same_origin",
     "signed_in",
     "url",
 ]
