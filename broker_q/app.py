@@ -60,10 +60,12 @@ from broker_q.errors import (
     UnknownTask,
     ValidationError,
 )
+from broker_q.master_key import MasterKey
 from broker_q.middleware import Middleware
+from broker_q.payloads import Payloads
 from broker_q.schedules import Schedules
 from broker_q.settings import Settings
-from broker_q.store.eventsourcing import open_store
+from broker_q.store.eventsourcing import open_store, store_environment
 from broker_q.store.port import EventStore
 from broker_q.store.writer import GroupCommitWriter
 
@@ -220,11 +222,35 @@ class App:
 
     @property
     def store(self) -> EventStore:
-        """The event store, opened on first use."""
+        """The event store, opened on first use, with the master key the settings give (see :meth:`master_key`)."""
         with self._store_lock:
             if self._store is None:
-                self._store = open_store(self.settings.store)
+                self._store = open_store(self.settings.store, master_key=self.master_key())
             return self._store
+
+    def master_key(self) -> MasterKey | None:
+        """The master key of ``master_key`` or ``master_key_file``; None leaves it to the store.
+
+        Without either, an SQLite store makes ``<db>.master.key`` beside its file on first use (and
+        says so in a WARNING), while a PostgreSQL store has none: with encryption on, that is a
+        :class:`ConfigurationError` here, before anything is recorded.
+        """
+        settings = self.settings
+        if settings.master_key is not None:
+            return MasterKey.from_text(settings.master_key.get_secret_value(), "BROKER_Q_MASTER_KEY")
+        if settings.master_key_file is not None:
+            return MasterKey.from_file(settings.master_key_file)
+        if settings.encryption and store_environment(settings.store)["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+            raise ConfigurationError(
+                "encryption is on and a PostgreSQL store needs a master key: set BROKER_Q_MASTER_KEY (base64 of "
+                "32 bytes, e.g. from `openssl rand -base64 32`) or BROKER_Q_MASTER_KEY_FILE, or switch encryption "
+                "off with BROKER_Q_ENCRYPTION=false")
+        return None
+
+    @property
+    def payloads(self) -> Payloads:
+        """Seals the arguments and results of this app's tasks (when ``encryption`` is on) and opens them."""
+        return Payloads(lambda: self.store.keys, sealing=self.settings.encryption)
 
     def close(self) -> None:
         with self._store_lock:
@@ -294,6 +320,7 @@ class App:
         retry: RetryPolicy | RetryOverride | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
+        await self._ready_to_seal(tenant)
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
                                 _when(eta, countdown), _task_ids(depends_on))
@@ -305,6 +332,13 @@ class App:
             if idempotency_key is None:
                 raise
         return TaskHandle(self, event.stream_id)
+
+    async def _ready_to_seal(self, tenant: str | None) -> None:
+        """Read the tenant's key off the loop if sealing would read it (once a minute at most)."""
+        payloads = self.payloads
+        tenant = tenant or self.settings.tenant
+        if payloads.sealing and payloads.blocks(tenant):
+            await asyncio.to_thread(payloads.keys.current, tenant)
 
     def _writer(self) -> GroupCommitWriter:
         loop = asyncio.get_running_loop()
@@ -336,7 +370,7 @@ class App:
             definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
         task_id = task_id_for(tenant, idempotency_key)
-        return submit(
+        return self.payloads.submitted(submit(
             task_id=task_id,
             task=task,
             queue=queue or (definition.queue if definition else self.settings.default_queue),
@@ -356,7 +390,7 @@ class App:
             due_at=due_at,
             depends_on=depends_on,
             receives=receives,
-        )
+        ))
 
     def _check_parents(self, event: TaskSubmitted) -> None:
         """Refuse parents that do not exist or belong to another tenant.
@@ -405,10 +439,19 @@ class App:
             new_kwargs = None if kwargs is None else dict(kwargs)
             check_json(new_args, "args")
             check_json(new_kwargs, "kwargs")
+            if new_args is None and new_kwargs is None:
+                return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow())
+            payloads = self.payloads
+            old_args, old_kwargs = payloads.arguments(state)
+            whole_args = old_args if new_args is None else new_args
+            whole_kwargs = old_kwargs if new_kwargs is None else new_kwargs
             definition = self._tasks.get(state.task)
-            if definition is not None and (new_args is not None or new_kwargs is not None):
-                definition.check_arguments(state.args if new_args is None else new_args,
-                                           state.kwargs if new_kwargs is None else new_kwargs)
+            if definition is not None:
+                definition.check_arguments(whole_args, whole_kwargs)
+            if payloads.sealing or state.sealed_arguments is not None:
+                sealed = payloads.seal_arguments(state.tenant, state.task_id, whole_args, whole_kwargs)
+                return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(),
+                                          sealed_arguments=sealed)
             return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(), args=new_args,
                                       kwargs=new_kwargs)
 
@@ -735,7 +778,7 @@ class TaskHandle(Generic[R]):
         except TaskNotFound:
             return None
         if state.status is TaskStatus.SUCCEEDED:
-            result: R = state.result
+            result: R = self.app.payloads.result(state)
             return lambda: result
         if state.status is TaskStatus.DEAD_LETTERED:
             error = TaskFailed(str(self.id), state.error_type or "Error", state.error or "", state.traceback)
