@@ -253,7 +253,8 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop), Scheduler(app.store).run(stop)]
+        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop),
+                 Scheduler(app.store, payloads=app.payloads).run(stop)]
         if not options.no_projections:
             from projections.commands import run_projections
 

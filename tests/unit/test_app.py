@@ -12,7 +12,6 @@ import pydantic
 import pytest
 
 from broker_q import App, Settings
-from broker_q.payloads import reveal
 from broker_q.domain import task as domain_task
 from broker_q.domain.events import TaskSubmitted
 from broker_q.domain.task import TaskState, TaskStatus
@@ -24,6 +23,7 @@ from broker_q.errors import (
     TaskNotFound,
     ValidationError,
 )
+from broker_q.payloads import reveal
 
 
 @pytest.fixture
@@ -432,7 +432,8 @@ def test_encryption_is_on_by_default_and_off_stores_arguments_plain(tmp_path: Pa
         assert sealed.settings.encryption is True
         on = sealed.history(sealed.submit("anything", ["s3cret"]).id)[0]
         off = plain.history(plain.submit("anything", ["s3cret"]).id)[0]
-        assert isinstance(on, TaskSubmitted) and isinstance(off, TaskSubmitted)
+        assert isinstance(on, TaskSubmitted)
+        assert isinstance(off, TaskSubmitted)
         assert (on.args, on.sealed_arguments is not None) == ([], True)
         assert (off.args, off.sealed_arguments) == (["s3cret"], None)
         assert b"s3cret" not in (tmp_path / "on.sqlite").read_bytes() + (tmp_path / "on.sqlite-wal").read_bytes()
@@ -452,7 +453,8 @@ def test_the_sqlite_master_key_file_is_made_beside_the_store_on_first_use_and_sa
         key_file = tmp_path / "q.sqlite.master.key"
         assert key_file.exists()
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-        assert str(key_file) in caplog.text and "Back it up" in caplog.text
+        assert str(key_file) in caplog.text
+        assert "Back it up" in caplog.text
     finally:
         app.close()
 
@@ -462,7 +464,8 @@ def test_the_master_key_comes_from_the_settings_or_a_file(tmp_path: Path) -> Non
     (tmp_path / "master.key").write_text(key + "\n")
     given = App(store="memory://", master_key=key)
     from_file = App(store="memory://", master_key_file=tmp_path / "master.key")
-    assert given.master_key() is not None and from_file.master_key() is not None
+    assert given.master_key() is not None
+    assert from_file.master_key() is not None
     assert given.master_key().key == from_file.master_key().key  # type: ignore[union-attr]
     assert "key file" in from_file.master_key().origin  # type: ignore[union-attr]
     with pytest.raises(ConfigurationError, match="cannot read the master key file"):
@@ -471,7 +474,7 @@ def test_the_master_key_comes_from_the_settings_or_a_file(tmp_path: Path) -> Non
 
 def test_a_postgresql_store_without_a_master_key_is_refused_when_encryption_is_on() -> None:
     url = "postgresql://postgres@127.0.0.1:1/test?schema=nowhere"
-    with pytest.raises(ConfigurationError, match="BROKER_Q_MASTER_KEY.*BROKER_Q_ENCRYPTION=false"):
+    with pytest.raises(ConfigurationError, match=r"BROKER_Q_MASTER_KEY.*BROKER_Q_ENCRYPTION=false"):
         App(store=url).submit("anything")
     assert App(store=url, encryption=False).master_key() is None
 

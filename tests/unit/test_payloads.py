@@ -48,7 +48,8 @@ def succeeded(payloads: Payloads, state: TaskState, result: object) -> TaskState
 def test_arguments_are_sealed_together_and_open_for_their_task_only(payloads: Payloads) -> None:
     event = submitted(payloads)
     assert (event.args, event.kwargs) == ([], {})
-    assert event.sealed_arguments is not None and is_sealed(event.sealed_arguments)
+    assert event.sealed_arguments is not None
+    assert is_sealed(event.sealed_arguments)
     assert MARK not in event.sealed_arguments
     assert payloads.open_arguments("acme", event.stream_id, event.sealed_arguments) == ([MARK, 2], {"note": MARK})
     with pytest.raises(PayloadCorrupted):
@@ -69,7 +70,8 @@ def test_sealing_off_leaves_new_payloads_plain_but_still_opens_sealed_ones(
     assert plain.arguments(state) == ([MARK, 2], {"note": MARK})
     # A task whose arguments came sealed gets its result sealed, whatever the setting.
     done = succeeded(plain, state, {"total": MARK})
-    assert done.result is None and done.sealed_result is not None
+    assert done.result is None
+    assert done.sealed_result is not None
     assert plain.result(done) == {"total": MARK}
 
 
