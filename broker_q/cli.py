@@ -203,8 +203,9 @@ def _submit(options: argparse.Namespace) -> int:
 
 
 def _status(options: argparse.Namespace) -> int:
-    state = _app(options).get_task(_as_uuid(options.id))
-    view = status_view(state)
+    app = _app(options)
+    state = app.get_task(_as_uuid(options.id))
+    view = status_view(state, app.payloads)  # sealed arguments and result opened, when the key is there
     if options.json:
         print(json.dumps(view, indent=2))
     else:
