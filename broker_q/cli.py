@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
     from broker_q.breakers import add_commands as add_breaker_commands
+    from broker_q.keys import add_commands as add_key_commands
     from broker_q.schedules import add_commands as add_schedule_commands
     from broker_q.workflows import add_commands as add_workflow_commands
     from projections.cli import add_commands
@@ -126,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     add_breaker_commands(commands)
     add_schedule_commands(commands, _serve)
     add_workflow_commands(commands)
+    add_key_commands(commands)
     return parser
 
 

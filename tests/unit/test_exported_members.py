@@ -104,6 +104,8 @@ EXPORTED = {
     "broker_q.canvas": ["DAG", "Canvas", "Chain", "Group", "Signature", "StepOptions", "chain", "chord",
                         "compile_workflow", "dag", "group"],
     "broker_q.workflows": ["WorkflowHandle", "Workflows", "add_commands", "status_json"],
+    "broker_q.payloads": ["Payloads", "reveal"],
+    "broker_q.keys": ["KeyInfo", "Keys", "add_commands"],
     "broker_q.amqp": ["REASON_HEADER", "Topology", "connect", "redact"],
     "broker_q.errors": [
         "BrokerQError",
