@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -88,6 +89,7 @@ from broker_q.errors import (
     ConcurrencyConflict,
     DecryptionError,
     DomainError,
+    KeysShredded,
     SerializationError,
     StoreUnavailable,
     ValidationError,
@@ -174,8 +176,10 @@ class Worker:
         store = await asyncio.to_thread(lambda: self.app.store)
         if self.app.settings.encryption:
             # Now rather than at the first task: a fresh SQLite store makes its master key file here
-            # (and says where, to back it up), and a wrong master key stops the worker at once.
-            await asyncio.to_thread(store.keys.current, self.app.settings.tenant)
+            # (and says where, to back it up), and a wrong master key stops the worker at once. A
+            # tenant whose keys were shredded has its tasks dead-lettered; the worker serves the others.
+            with contextlib.suppress(KeysShredded):
+                await asyncio.to_thread(store.keys.current, self.app.settings.tenant)
         self._writer = GroupCommitWriter(store)
         self._breakers = Breakers(store, self.app.breaker_policies)
         connection = self._connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
