@@ -370,7 +370,8 @@ class App:
             definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
         task_id = task_id_for(tenant, idempotency_key)
-        return self.payloads.submitted(submit(
+        payloads = self.payloads
+        return submit(
             task_id=task_id,
             task=task,
             queue=queue or (definition.queue if definition else self.settings.default_queue),
@@ -390,7 +391,8 @@ class App:
             due_at=due_at,
             depends_on=depends_on,
             receives=receives,
-        ))
+            seal=functools.partial(payloads.seal_arguments, tenant, task_id) if payloads.sealing else None,
+        )
 
     def _check_parents(self, event: TaskSubmitted) -> None:
         """Refuse parents that do not exist or belong to another tenant.

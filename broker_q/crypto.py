@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_string
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,8 +45,10 @@ KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 def associated_data(tenant: str, task_id: str) -> bytes:
     """What binds a payload to its place: a value sealed for one task of one tenant opens for no other."""
-    # JSON, not a separator: no tenant name can be made to read as another tenant and task.
-    return json.dumps(["task", tenant, task_id], separators=(",", ":")).encode()
+    # JSON, not a separator: no tenant name can be made to read as another tenant and task. The bytes
+    # of json.dumps(["task", tenant, task_id], separators=(",", ":")), written out: a tenth of its cost,
+    # paid twice per task.
+    return f'["task",{_json_string(tenant)},{_json_string(task_id)}]'.encode()
 
 
 def seal(key_id: str, key: bytes, plaintext: bytes, associated: bytes) -> str:

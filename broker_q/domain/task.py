@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -192,6 +192,7 @@ def submit(
     due_at: datetime | None = None,
     depends_on: Iterable[uuid.UUID] = (),
     receives: str | None = None,
+    seal: Callable[[list[Any], dict[str, Any]], str] | None = None,
 ) -> TaskSubmitted:
     """Decide the first event of a new task.
 
@@ -202,6 +203,10 @@ def submit(
     ``due_at``: not before then (an aware time). ``depends_on``: parents that must all succeed
     first; the caller checks that they exist (a task can only wait for tasks older than itself, so
     no cycle can form). ``receives``: ``result`` or ``results`` to get the parents' results first.
+
+    ``seal``: when given, the arguments are recorded only as what it makes of them
+    (``sealed_arguments``), and it is called after every check passed, so nothing is sealed for a
+    task that is refused. How they are sealed is not the domain's business.
     """
     if not _NAME.fullmatch(task):
         raise DomainError(f"task name {task!r} is not a name (letters, digits, '_', '.', ':', '-'; at most 200)")
@@ -229,6 +234,9 @@ def submit(
         raise DomainError(f"receives='result' needs exactly one parent, got {len(parents)}")
     if receives is not None and not parents:
         raise DomainError("a task with no parents receives no results")
+    sealed_arguments = None
+    if seal is not None:
+        sealed_arguments, args, kwargs = seal(args, kwargs), [], {}
     return TaskSubmitted(
         stream_id=task_id,
         version=1,
@@ -250,6 +258,7 @@ def submit(
         due_at=due_at,
         depends_on=parents,
         receives=receives,
+        sealed_arguments=sealed_arguments,
     )
 
 
