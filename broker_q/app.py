@@ -32,6 +32,7 @@ from typing import (
 
 import pydantic
 
+from broker_q.access import Access
 from broker_q.arguments import Parameters
 from broker_q.canvas import Canvas, Signature
 from broker_q.codec import check_json
@@ -44,11 +45,11 @@ from broker_q.domain.task import (
     TaskStatus,
     cancel,
     check_limits,
+    client_task_id,
     evolve,
     replay,
     replay_dead_letter,
     submit,
-    task_id_for,
 )
 from broker_q.errors import (
     ConcurrencyConflict,
@@ -62,16 +63,18 @@ from broker_q.errors import (
 )
 from broker_q.master_key import MasterKey
 from broker_q.middleware import Middleware
-from broker_q.payloads import Payloads
+from broker_q.payloads import Payloads, arguments_size
 from broker_q.schedules import Schedules
 from broker_q.settings import Settings
 from broker_q.store.eventsourcing import open_store, store_environment
 from broker_q.store.port import EventStore
 from broker_q.store.writer import GroupCommitWriter
+from broker_q.tenants import Tenants
 
 if TYPE_CHECKING:
     from broker_q.domain.workflow import WorkflowStatus
     from broker_q.workflows import WorkflowHandle
+    from projections.queries import WaitingTasks
 
 __all__ = ["App", "TaskDefinition", "TaskHandle", "TaskOptions"]
 
@@ -106,6 +109,9 @@ class App:
         """Each downstream service's circuit breaker policy (:meth:`breaker`); others get the default."""
         self._store: EventStore | None = None
         self._store_lock = threading.Lock()
+        self._access: Access | None = None
+        self._tenants: Tenants | None = None
+        self._waiting: WaitingTasks | None = None
         self._writers: dict[asyncio.AbstractEventLoop, GroupCommitWriter] = {}
 
     @property
@@ -224,9 +230,35 @@ class App:
     def store(self) -> EventStore:
         """The event store, opened on first use, with the master key the settings give (see :meth:`master_key`)."""
         with self._store_lock:
-            if self._store is None:
-                self._store = open_store(self.settings.store, master_key=self.master_key())
-            return self._store
+            return self._open_store()
+
+    def _open_store(self) -> EventStore:
+        if self._store is None:
+            self._store = open_store(self.settings.store, master_key=self.master_key())
+        return self._store
+
+    @property
+    def access(self) -> Access:
+        """Tokens, principals and permission checks (:mod:`broker_q.access`)."""
+        with self._store_lock:
+            if self._access is None:
+                self._access = Access(self._open_store())
+            return self._access
+
+    @property
+    def tenants(self) -> Tenants:
+        """Tenants and their quotas, checked at every submit (:mod:`broker_q.tenants`)."""
+        with self._store_lock:
+            if self._tenants is None:
+                self._tenants = Tenants(self._open_store(), waiting=self._waiting_tasks)
+            return self._tenants
+
+    def _waiting_tasks(self, tenant: str) -> int:
+        if self._waiting is None:
+            from projections.queries import WaitingTasks  # the read side, built on this package
+
+            self._waiting = WaitingTasks(self.settings.store)
+        return self._waiting(tenant)
 
     def master_key(self) -> MasterKey | None:
         """The master key of ``master_key`` or ``master_key_file``; None leaves it to the store.
@@ -257,6 +289,10 @@ class App:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            self._access = self._tenants = None
+            if self._waiting is not None:
+                self._waiting.close()
+                self._waiting = None
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -293,6 +329,7 @@ class App:
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
                                 _when(eta, countdown), _task_ids(depends_on))
         self._check_parents(event)
+        self._admit([event])
         try:
             self.store.append([event])
         except ConcurrencyConflict:
@@ -326,6 +363,8 @@ class App:
                                 _when(eta, countdown), _task_ids(depends_on))
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
+        if not self.tenants.unlimited(event.tenant):
+            await asyncio.to_thread(self._admit, [event])
         try:
             await self._writer().append([event])
         except ConcurrencyConflict:
@@ -369,7 +408,7 @@ class App:
         if definition is not None:
             definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
-        task_id = task_id_for(tenant, idempotency_key)
+        task_id = client_task_id(tenant, idempotency_key)
         payloads = self.payloads
         return submit(
             task_id=task_id,
@@ -393,6 +432,13 @@ class App:
             receives=receives,
             seal=functools.partial(payloads.seal_arguments, tenant, task_id) if payloads.sealing else None,
         )
+
+    def _admit(self, submitted: Sequence[TaskSubmitted]) -> None:
+        """Check tasks of one tenant against its quotas (:meth:`Tenants.admit`), before they are
+        recorded: a refusal is recorded and raised as :class:`~broker_q.errors.QuotaExceeded`."""
+        first = submitted[0]
+        self.tenants.admit(first.tenant, task=first.task, count=len(submitted), actor=first.actor,
+                           payload_bytes=lambda: max(arguments_size(e) for e in submitted))
 
     def _check_parents(self, event: TaskSubmitted) -> None:
         """Refuse parents that do not exist or belong to another tenant.

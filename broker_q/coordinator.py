@@ -6,8 +6,10 @@ never passes an event whose consequences for dependants are not recorded:
 
 - a ``submitted`` with ``depends_on``: its edges are stored (:mod:`broker_q.store.dependencies`),
   each marked done if that parent has succeeded already; if a parent has failed for good
-  (dead-lettered or cancelled), the task is cancelled at once; if every parent has succeeded, it
-  is released at once;
+  (dead-lettered or cancelled), does not exist, belongs to another tenant, or waits for parents
+  of its own and was recorded after this task (see :meth:`Coordinator._unregistered`: how a
+  dependency cycle sent over AMQP is broken), the task is cancelled at once; if every parent has
+  succeeded, it is released at once;
 - a ``succeeded``: its edges are marked done, and each dependant with no open edge left is
   released (``released``, carrying the parents' results when the task receives them);
 - a ``dead_lettered`` or ``cancelled``: each blocked dependant is cancelled with the reason
@@ -126,21 +128,46 @@ class Coordinator:
     def _register(self, submitted: Sequence[TaskSubmitted]) -> None:
         edges: list[tuple[str, str, bool]] = []
         doomed: dict[str, str] = {}
+        parents = {parent: self._state(parent) for event in submitted for parent in event.depends_on}
+        later = self._unregistered(parents)
+        earlier: set[uuid.UUID] = set()
         for event in submitted:
             child = event.stream_id.hex
             for parent in event.depends_on:
-                state = self._state(parent)
+                state = parents[parent]
                 if state is None:
                     doomed[child] = f"upstream_failed: parent {parent} does not exist"
+                elif state.tenant != event.tenant:
+                    doomed[child] = f"upstream_failed: parent {parent} belongs to another tenant"
                 elif state.status in _FAILED:
                     doomed[child] = f"upstream_failed: parent {parent} was {state.status}"
+                elif parent in later and parent not in earlier:
+                    doomed[child] = f"upstream_failed: parent {parent} was recorded after this task"
                 else:
                     edges.append((parent.hex, child, state.status is TaskStatus.SUCCEEDED))
+            earlier.add(event.stream_id)
         if edges:
             self._store.dependencies.add(edges)
             self._has_edges = True
         self._cancel(doomed)
         self._release_ready(sorted({child for _, child, _ in edges} - doomed.keys()))
+
+    def _unregistered(self, parents: dict[uuid.UUID, TaskState | None]) -> set[uuid.UUID]:
+        """The parents that wait for parents of their own but whose ``submitted`` this coordinator
+        has not read yet: they were recorded after the task that names them.
+
+        A task may only wait for tasks recorded before it (:meth:`App.submit` checks it; a message
+        from another AMQP client cannot be checked before it is recorded): that is what makes a
+        dependency cycle impossible, since the first task of a cycle to be recorded names a parent
+        recorded after it. The log is read in order, so a blocked parent recorded earlier has had
+        its edges stored, and keeps them until it is released or cancelled.
+        """
+        blocked = [parent.hex for parent, state in parents.items()
+                   if state is not None and state.status is TaskStatus.BLOCKED and state.waiting_on]
+        if not blocked:
+            return set()
+        registered = self._store.dependencies.with_edges(blocked)
+        return {uuid.UUID(parent) for parent in blocked if parent not in registered}
 
     def _release_ready(self, children: Sequence[str]) -> None:
         if not children:

@@ -32,7 +32,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker_q.errors import PayloadCorrupted, ValidationError
 
-__all__ = ["KEY_BYTES", "VERSION", "associated_data", "is_sealed", "open_sealed", "seal", "sealed_key_id"]
+__all__ = [
+    "KEY_BYTES",
+    "VERSION",
+    "associated_data",
+    "is_sealed",
+    "open_sealed",
+    "plaintext_length",
+    "seal",
+    "sealed_key_id",
+]
 
 VERSION = "bq1"
 KEY_BYTES = 32
@@ -70,6 +79,12 @@ def is_sealed(value: object) -> bool:
 def sealed_key_id(sealed: str) -> str:
     """The key id a sealed value names; :class:`PayloadCorrupted` if it is not one."""
     return _parse(sealed)[0]
+
+
+def plaintext_length(sealed: str) -> int:
+    """How many bytes of plaintext ``sealed`` holds, from its length alone (AES-GCM adds a nonce and a tag
+    and no padding); :class:`PayloadCorrupted` if it is not a sealed value."""
+    return len(_parse(sealed)[1]) - NONCE_BYTES - TAG_BYTES
 
 
 def open_sealed(sealed: str, key_for: Callable[[str], bytes], associated: bytes) -> bytes:

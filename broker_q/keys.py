@@ -137,13 +137,11 @@ def add_commands(
 
 @contextmanager
 def _keys(options: argparse.Namespace) -> Iterator[Keys]:
-    from broker_q.app import App  # here, not at the top: broker_q.cli imports this module to register it
-    from broker_q.cli import operator
+    from broker_q.cli import _app, actor_of  # here, not at the top: broker_q.cli imports this module
 
-    url = getattr(options, "store", None)
-    app: App = App(**({"store": url} if url else {}))
+    app: App = _app(options)
     try:
-        yield Keys(app.store, actor=operator())
+        yield Keys(app.store, actor=actor_of(options))
     finally:
         app.close()
 

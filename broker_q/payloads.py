@@ -27,13 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from broker_q.codec import dumps, loads
-from broker_q.crypto import sealed_key_id
+from broker_q.crypto import plaintext_length, sealed_key_id
 from broker_q.domain.events import TaskSubmitted, TaskSucceeded
 from broker_q.domain.task import TaskState
 from broker_q.errors import PayloadCorrupted, ValidationError
 from broker_q.store.keys import Keyring
 
-__all__ = ["Payloads", "reveal"]
+__all__ = ["Payloads", "arguments_size", "reveal"]
 
 
 class Payloads:
@@ -120,6 +120,20 @@ class Payloads:
         except ValidationError:  # authenticated but not JSON: sealed by something that is not broker_q
             raise PayloadCorrupted(f"the sealed value under key {sealed_key_id(sealed)!r} of tenant {tenant!r} "
                                    "does not hold JSON", sealed_key_id(sealed)) from None
+
+
+_WRAPPING = len(dumps({"args": [], "kwargs": {}})) - len(dumps([[], {}]))
+"""What the sealed object adds to the JSON of ``[args, kwargs]``: its two keys."""
+
+
+def arguments_size(event: TaskSubmitted) -> int:
+    """The bytes of the JSON of ``[args, kwargs]`` of the task, sealed or not: what a payload quota counts.
+
+    For sealed arguments it is read from the sealed value's length, without opening it.
+    """
+    if event.sealed_arguments is None:
+        return len(dumps([event.args, event.kwargs]))
+    return plaintext_length(event.sealed_arguments) - _WRAPPING
 
 
 def reveal(payloads: Payloads, state: TaskState) -> TaskState:

@@ -13,14 +13,15 @@ from broker_q.payloads import Payloads, reveal
 __all__ = ["history_row", "status_view"]
 
 
-def status_view(state: TaskState, payloads: Payloads | None = None) -> dict[str, Any]:
+def status_view(state: TaskState, payloads: Payloads | None = None, *, withheld: str | None = None) -> dict[str, Any]:
     """A task's state as the CLI and the API show it (JSON-ready).
 
     With ``payloads``, sealed arguments and results are opened (:func:`broker_q.payloads.reveal`);
     without them, or when they cannot be opened, they are shown sealed (``args``, ``kwargs`` and
-    ``result`` null, ``sealed_arguments`` and ``sealed_result`` set) and ``sealed_because`` says why.
+    ``result`` null, ``sealed_arguments`` and ``sealed_result`` set) and ``sealed_because`` says why
+    (``withheld``: why no ``payloads`` were given, e.g. a principal without ``read_payloads``).
     """
-    sealed_because = None
+    sealed_because = withheld if state.sealed_arguments is not None or state.sealed_result is not None else None
     if payloads is not None:
         try:
             state = reveal(payloads, state)

@@ -74,6 +74,7 @@ from broker_q.domain.events import (
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
     TaskStatus,
+    client_task_id,
     dead_lettered_event,
     deferred_event,
     is_startable,
@@ -83,13 +84,13 @@ from broker_q.domain.task import (
     started_event,
     submit,
     succeeded_event,
-    task_id_for,
 )
 from broker_q.errors import (
     ConcurrencyConflict,
     DecryptionError,
     DomainError,
     KeysShredded,
+    QuotaExceeded,
     SerializationError,
     StoreUnavailable,
     ValidationError,
@@ -104,6 +105,9 @@ if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition
 
 __all__ = ["Worker"]
+
+_TENANTS_REFRESH = 2.0
+"""Seconds between looks for tenants created since: a new tenant's tasks wait at most this long."""
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,8 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._pool = HandlerThreads(self.concurrency, spare=self.max_abandoned_threads, name="broker_q-handler")
         self._exhausted = asyncio.Event()
+        self._tenants_consumed: set[str] = set()
+        """Tenants whose own work queues this worker consumes."""
         """Set when more sync handler threads are abandoned than replaced: the worker stops."""
         self._writer: GroupCommitWriter | None = None
         self._breakers: Breakers | None = None
@@ -205,10 +211,17 @@ class Worker:
                     self._spawn(functools.partial(self._on_ingress, queue=queue)))))
             unrouted = await channel.declare_queue(self.topology.unrouted, durable=True)
             consumers.append((unrouted, await unrouted.consume(self._spawn(self._on_unrouted))))
+            await self._consume_tenants(channel, consumers)
             log.info("%s consuming %s (concurrency %d, prefetch %d, up to %d abandoned threads replaced)", self.id,
                      ",".join(self.queues), self.concurrency, self.prefetch, self.max_abandoned_threads)
             self.ready.set()
-            await _either(stop, self._exhausted)
+            follow = asyncio.ensure_future(self._follow_tenants(channel, consumers, stop))
+            try:
+                await _either(stop, self._exhausted)
+            finally:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
             await self._shutdown(consumers)
         finally:
             await self._writer.close()
@@ -218,6 +231,29 @@ class Worker:
             raise ThreadsExhausted(
                 f"{self.id} stopped: more than {self.max_abandoned_threads} sync handler threads ran on past their "
                 f"hard time limit or cancellation; a new process starts with fresh threads")
+
+    async def _consume_tenants(self, channel: AbstractChannel, consumers: list[tuple[AbstractQueue, str]]) -> None:
+        """Consume the work queues of every tenant created since the last look (``Topology.route``).
+
+        Each tenant's queue is a consumer of its own with its own prefetch window, so RabbitMQ hands
+        this worker the tasks of every tenant that has some, however long another tenant's backlog is.
+        """
+        created = await asyncio.to_thread(self.app.tenants.created)
+        for tenant in sorted(created - self._tenants_consumed):
+            for queue in self.queues:
+                work = await self.topology.declare_route(channel, self.topology.route(queue, tenant, created))
+                consumers.append((work, await work.consume(self._spawn(self._on_work))))
+            self._tenants_consumed.add(tenant)
+
+    async def _follow_tenants(self, channel: AbstractChannel, consumers: list[tuple[AbstractQueue, str]],
+                              stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(_TENANTS_REFRESH)
+            try:
+                await self._consume_tenants(channel, consumers)
+            except (StoreUnavailable, aiormq.exceptions.AMQPError, ConnectionError) as e:
+                log.warning("%s could not look for new tenants' queues (next try in %.0fs): %s", self.id,
+                            _TENANTS_REFRESH, e)
 
     async def _shutdown(self, consumers: list[tuple[AbstractQueue, str]]) -> None:
         """Stop taking messages, give running tasks ``shutdown_grace`` seconds, then let go of the rest.
@@ -562,11 +598,15 @@ class Worker:
         assert self._writer is not None
         try:
             event = self._accept(message, queue)
-        except ValidationError as e:
+            if not self.app.tenants.unlimited(event.tenant):
+                await asyncio.to_thread(self.app._admit, [event])
+        except (ValidationError, QuotaExceeded) as e:
             await self._refuse(message, str(e), source=queue)
             return
-        if isinstance(event, TaskSubmitted):
-            event = await self._sealed_submitted(event)
+        except StoreUnavailable as e:  # the quotas could not be read: the message waits for the store
+            log.warning("not acknowledging ingress message: %s", e)
+            return
+        event = await self._sealed_submitted(event)
         try:
             await self._writer.append([event])
         except ConcurrencyConflict:
@@ -576,7 +616,7 @@ class Worker:
             return
         self._acks_of(message).done(message)
 
-    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskEvent:
+    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskSubmitted:
         limit = self.app.settings.max_message_bytes
         if len(message.body) > limit:
             raise ValidationError(f"message of {len(message.body)} bytes is over the limit of {limit} bytes")
@@ -602,7 +642,7 @@ class Worker:
         priority = definition.priority if envelope.priority is None else envelope.priority
         try:
             return submit(
-                task_id=task_id_for(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
+                task_id=client_task_id(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
                 kwargs=envelope.kwargs, priority=priority,
                 tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=now,
                 correlation_id=envelope.correlation_id, idempotency_key=key,

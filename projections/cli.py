@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker_q.app import App
+from broker_q.domain.access import Permission
 from broker_q.domain.task import TaskStatus
 from broker_q.errors import ValidationError
 from broker_q.payloads import Payloads
@@ -112,11 +113,15 @@ def _events(options: argparse.Namespace) -> int:
 
 
 def _replay(options: argparse.Namespace) -> int:
+    from broker_q.cli import authorize_task, payloads_for
+
     task = _task_id(options.id)
     assert task is not None
     with _store(options) as store:
         history = timeline(store, task)
-        view = status_view(history.state, _payloads(store))  # opened here, while the store is open
+        authorize_task(options, Permission.READ, history.state.tenant, f"replay {task}")
+        payloads, withheld = payloads_for(options, history.state.tenant, _payloads(store))
+        view = status_view(history.state, payloads, withheld=withheld)  # opened here, while the store is open
     if options.json:
         print(json.dumps(timeline_json(history, view), indent=2))
         return 0
@@ -151,14 +156,22 @@ _OUTCOMES = {"started": "taken over by the next attempt"}
 def _state(options: argparse.Namespace) -> int:
     at = parse_time(options.at, "--at")
     task = _task_id(options.task)
-    if task is not None and (options.queue or options.tenant):
-        raise ValidationError("--queue and --tenant filter the counts: they do not apply with --task")
+    if task is not None and options.queue:
+        raise ValidationError("--queue filters the counts: it does not apply with --task")
     as_of = {"time": at.isoformat() if at else None, "position": options.position}
     moment = f"as of {_time(at)}" if at else f"as of position {options.position}"
     with _store(options) as store:
         if task is not None:
             state = task_state_at(store, task, at=at, position=options.position)
-            view = None if state is None else status_view(state, _payloads(store))
+            view = None
+            if state is not None:
+                if options.tenant is not None and state.tenant != options.tenant:
+                    raise ValidationError(f"task {task} is not of tenant {options.tenant!r}")
+                from broker_q.cli import authorize_task, payloads_for
+
+                authorize_task(options, Permission.READ, state.tenant, f"state of {task}")
+                payloads, withheld = payloads_for(options, state.tenant, _payloads(store))
+                view = status_view(state, payloads, withheld=withheld)
             return _print_task_state(task, view, as_of, moment, options.json)
         counts = queue_counts_at(store, at=at, position=options.position, queue=options.queue,
                                  tenant=options.tenant)

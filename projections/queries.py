@@ -17,15 +17,16 @@ from typing import Any, TypeVar
 
 from broker_q.errors import StoreError, ValidationError
 from broker_q.store.port import EventStore
-from projections.database import Cursor, ViewDatabase
+from projections.database import Cursor, ViewDatabase, open_view_database
 from projections.runner import REGISTRY
-from projections.views import DEAD_STATES, table, task_key
+from projections.views import DEAD_STATES, WAITING_STATES, table, task_key
 
 __all__ = [
     "AuditQuery",
     "Page",
     "QueueSummary",
     "ViewStatus",
+    "WaitingTasks",
     "audit",
     "dead_letters",
     "queues",
@@ -114,6 +115,27 @@ def queues(database: ViewDatabase, *, tenant: str | None = None, now: float | No
     summaries, oldest = _query(database, "tasks", work)
     return [QueueSummary(t, q, counts, None if (t, q) not in oldest else max(0.0, now - oldest[(t, q)]))
             for (t, q), counts in summaries.items()]
+
+
+class WaitingTasks:
+    """How many tasks of a tenant wait (blocked, ready, or waiting for a retry or a breaker), from
+    the queue view: what a tenant's ``max_waiting`` quota is checked against."""
+
+    def __init__(self, store_url: str) -> None:
+        self._database = open_view_database(store_url)
+
+    def __call__(self, tenant: str) -> int:
+        states = sorted(WAITING_STATES)
+
+        def work(cursor: Cursor, generation: int) -> int:
+            cursor.execute(f"SELECT COALESCE(SUM(count), 0) FROM {table('queue_counts', generation)} "
+                           f"WHERE tenant = ? AND state IN ({', '.join('?' * len(states))})", [tenant, *states])
+            return int(cursor.fetchone()[0])
+
+        return _query(self._database, "tasks", work)
+
+    def close(self) -> None:
+        self._database.close()
 
 
 def tasks(

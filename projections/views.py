@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 from broker_q.codec import dumps
 from broker_q.domain.events import (
+    AccessDenied,
     BreakerClosed,
     BreakerFailureRecorded,
     BreakerOpened,
@@ -29,6 +30,7 @@ from broker_q.domain.events import (
     IngressRejected,
     KeyRotated,
     KeysShredded,
+    QuotaExceeded,
     TaskCancelled,
     TaskDeadLettered,
     TaskDeferred,
@@ -39,13 +41,17 @@ from broker_q.domain.events import (
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    TenantCreated,
+    TenantQuotaSet,
+    TokenIssued,
+    TokenRevoked,
     WorkflowCancelled,
     WorkflowSubmitted,
 )
 from broker_q.store.port import Recorded
 from projections.database import Cursor
 
-__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "AuditView", "TasksView", "View", "table", "task_key"]
+__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "WAITING_STATES", "AuditView", "TasksView", "View", "table", "task_key"]
 
 BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                               300.0, 1800.0)
@@ -53,7 +59,8 @@ BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 DEAD_STATES = ("dead_lettered",)
 """States of tasks that will not run again by themselves and are kept as dead letters."""
-_WAITING = frozenset({"ready", "blocked", "retry_scheduled", "deferred"})
+WAITING_STATES = frozenset({"ready", "blocked", "retry_scheduled", "deferred"})
+_WAITING = WAITING_STATES
 """States whose ``ready_at`` is when the task became ready, or is due: a start after it waited for it."""
 
 
@@ -343,6 +350,23 @@ def summary(event: Any) -> str:
             return f"workflow of {len(event.steps)} step(s) submitted"
         case WorkflowCancelled():
             return f"workflow cancelled: {event.reason}"[:500]
+        case TokenIssued():
+            expires = f", expires {event.expires_at.isoformat()}" if event.expires_at is not None else ""
+            return f"token {event.name!r} ({event.token_id}) issued: {', '.join(event.roles)}{expires}"[:500]
+        case TokenRevoked():
+            return f"token {event.token_id} revoked: {event.reason}"[:500]
+        case AccessDenied():
+            return f"denied {event.principal}: {event.action} (needs {event.permission})"[:500]
+        case TenantCreated():
+            return f"tenant created{f': {event.description}' if event.description else ''}"[:500]
+        case TenantQuotaSet():
+            quotas = [f"{name}={value:g}" for name, value in (
+                ("max_waiting", event.max_waiting), ("submit_rate", event.submit_rate),
+                ("submit_burst", event.submit_burst), ("max_payload_bytes", event.max_payload_bytes))
+                if value is not None]
+            return f"quotas set: {', '.join(quotas) or 'none'}"
+        case QuotaExceeded():
+            return f"refused {event.task}: {event.message}"[:500]
     return str(event.TYPE)
 
 

@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 __all__ = [
     "TOPICS",
+    "AccessDenied",
+    "AccessEvent",
     "BreakerClosed",
     "BreakerEvent",
     "BreakerFailureRecorded",
@@ -37,6 +39,7 @@ __all__ = [
     "KeyRotated",
     "KeysEvent",
     "KeysShredded",
+    "QuotaExceeded",
     "ScheduleChanged",
     "ScheduleCreated",
     "ScheduleDefined",
@@ -56,6 +59,11 @@ __all__ = [
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
+    "TenantCreated",
+    "TenantEvent",
+    "TenantQuotaSet",
+    "TokenIssued",
+    "TokenRevoked",
     "WorkflowCancelled",
     "WorkflowEvent",
     "WorkflowSubmitted",
@@ -490,12 +498,105 @@ class WorkflowCancelled(WorkflowEvent):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AccessEvent(Event):
+    """An event of the access stream, the one stream of every API token (``ACCESS_STREAM``).
+
+    ``tenant`` is the tenant the token is bound to, or ``*`` for a token of every tenant.
+    """
+
+    token_id: uuid.UUID
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenIssued(AccessEvent):
+    """A token was made for a principal. Only the SHA-256 of its secret is kept: the token itself
+    was shown once, to whoever made it."""
+
+    TOPIC = "broker_q.access.token_issued"
+    TYPE = "token_issued"
+
+    name: str
+    roles: list[str]
+    secret_sha256: str
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenRevoked(AccessEvent):
+    """The token no longer authenticates anyone."""
+
+    TOPIC = "broker_q.access.token_revoked"
+    TYPE = "token_revoked"
+
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AccessDenied(Event):
+    """A principal was refused an action. Its stream is the refusal's own (one event)."""
+
+    TOPIC = "broker_q.access.denied"
+    TYPE = "access_denied"
+
+    principal: str
+    token_id: uuid.UUID | None
+    permission: str
+    action: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantEvent(Event):
+    """An event of the tenants stream, the one stream of every tenant and its quotas (``TENANTS_STREAM``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantCreated(TenantEvent):
+    """An admin created the tenant ``tenant``."""
+
+    TOPIC = "broker_q.tenant.created"
+    TYPE = "tenant_created"
+
+    description: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantQuotaSet(TenantEvent):
+    """The tenant's quotas, all of them as they now are (``None``: no limit)."""
+
+    TOPIC = "broker_q.tenant.quota_set"
+    TYPE = "tenant_quota_set"
+
+    max_waiting: int | None = None
+    """Tasks of the tenant waiting (blocked, ready or scheduled for a retry) at most."""
+    submit_rate: float | None = None
+    """Submissions per second, on average (a token bucket)."""
+    submit_burst: int | None = None
+    """Submissions at once above the rate (the bucket's size); the rate rounded up when not given."""
+    max_payload_bytes: int | None = None
+    """Bytes of a task's arguments (args and kwargs as JSON) at most."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QuotaExceeded(Event):
+    """A submission was refused over a tenant's quota. Its stream is the refusal's own (one event)."""
+
+    TOPIC = "broker_q.tenant.quota_exceeded"
+    TYPE = "quota_exceeded"
+
+    quota: str
+    limit: float
+    task: str
+    message: str
+
+
 TOPICS: dict[str, type[Event]] = {
     cls.TOPIC: cls
     for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskRetryScheduled, TaskDeadLettered, TaskDeferred,
                 TaskReplayed, TaskCancelled, TaskReleased, IngressRejected, BreakerFailureRecorded, BreakerOpened,
                 BreakerProbeStarted, BreakerClosed,
                 ScheduleCreated, ScheduleChanged, SchedulePaused, ScheduleResumed, ScheduleRemoved, ScheduleFired,
-                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled, KeyRotated, KeysShredded)
+                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled, KeyRotated, KeysShredded,
+                TokenIssued, TokenRevoked, AccessDenied, TenantCreated, TenantQuotaSet, QuotaExceeded)
 }
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

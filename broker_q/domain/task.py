@@ -52,11 +52,13 @@ from broker_q.errors import DomainError
 __all__ = [
     "FINAL_STATES",
     "MAX_PRIORITY",
+    "RESERVED_KEY_PREFIXES",
     "STARTABLE_STATES",
     "WAITING_STATES",
     "TaskState",
     "TaskStatus",
     "cancel",
+    "client_task_id",
     "dead_letter",
     "dead_lettered_event",
     "defer",
@@ -91,6 +93,19 @@ def task_id_for(tenant: str, idempotency_key: str | None) -> uuid.UUID:
     if idempotency_key is None:
         return uuid.uuid4()
     return uuid.uuid5(_IDEMPOTENCY_NS, f"{len(tenant)}:{tenant}:{idempotency_key}")
+
+
+RESERVED_KEY_PREFIXES = ("schedule:",)
+"""Idempotency keys that broker_q derives itself (a schedule's fire): a client that took one could
+make a tick's task in the scheduler's place, or keep the tick from firing."""
+
+
+def client_task_id(tenant: str, idempotency_key: str | None) -> uuid.UUID:
+    """:func:`task_id_for` a key a client gave: keys that broker_q reserves are refused."""
+    if idempotency_key is not None and idempotency_key.startswith(RESERVED_KEY_PREFIXES):
+        reserved = " or ".join(repr(prefix) for prefix in RESERVED_KEY_PREFIXES)
+        raise DomainError(f"idempotency key {idempotency_key!r}: keys that begin with {reserved} are broker_q's own")
+    return task_id_for(tenant, idempotency_key)
 
 
 class TaskStatus(StrEnum):

@@ -14,6 +14,7 @@ import pytest
 from broker_q import App, Settings
 from broker_q.domain import task as domain_task
 from broker_q.domain.events import TaskSubmitted
+from broker_q.domain.schedule import fire_key
 from broker_q.domain.task import TaskState, TaskStatus
 from broker_q.errors import (
     ConfigurationError,
@@ -241,6 +242,14 @@ def test_one_idempotency_key_twice_is_one_task_of_one_event(app: App) -> None:
     resent = app.submit("anything", [2], idempotency_key="order-42")
     assert resent.id == first.id
     assert revealed(app, first.id).args == [1]  # the first submit stands
+
+
+def test_a_schedules_idempotency_key_is_refused_so_no_client_takes_a_tick(app: App) -> None:
+    schedule = uuid.uuid4()
+    key = fire_key(schedule, datetime(2030, 1, 1, 2, tzinfo=UTC))
+    with pytest.raises(DomainError, match="broker_q's own"):
+        app.submit("anything", [1], idempotency_key=key)
+    assert app.store.max_position() == 0
 
 
 async def test_one_idempotency_key_twice_is_one_task_when_submitted_async(app: App) -> None:

@@ -9,12 +9,13 @@ from datetime import UTC, datetime
 
 import pytest
 
+from broker_q.codec import dumps
 from broker_q.crypto import is_sealed, sealed_key_id
 from broker_q.domain import task as domain
 from broker_q.domain.task import TaskState, evolve
 from broker_q.errors import KeysShredded, PayloadCorrupted, UnknownKey
 from broker_q.master_key import MasterKey
-from broker_q.payloads import Payloads, reveal
+from broker_q.payloads import Payloads, arguments_size, reveal
 from broker_q.store import RecorderEventStore, open_store
 
 NOW = datetime(2026, 12, 4, 9, tzinfo=UTC)
@@ -128,3 +129,11 @@ def test_blocks_says_when_the_key_must_be_read_first(store: RecorderEventStore, 
     assert not payloads.blocks("acme", event.sealed_arguments)
     assert not payloads.blocks("acme", "not sealed at all")  # refused without a read
     assert payloads.blocks("acme", "bq1:k9.00000000:" + "A" * 40)  # a key never read here
+
+
+def test_the_size_of_sealed_arguments_is_that_of_their_plain_json_without_opening_them(payloads: Payloads) -> None:
+    event = domain.submit(task_id=uuid.uuid4(), task="t", queue="q", args=[MARK, 2, {"é": None}],
+                          kwargs={"k": [1.5, True]}, priority=5, tenant="acme", actor="a", now=NOW)
+    plain_size = arguments_size(event)
+    assert plain_size == len(dumps([event.args, event.kwargs]))
+    assert arguments_size(payloads.submitted(event)) == plain_size
