@@ -314,6 +314,7 @@ class App:
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
         retry: RetryPolicy | RetryOverride | None = None,
+        actor: str | None = None,
     ) -> TaskHandle[Any]:
         """Record a new task and return its handle. The same ``idempotency_key`` gives the same task.
 
@@ -324,10 +325,11 @@ class App:
         ``eta`` (an aware datetime) or ``countdown`` (seconds from now): the task is blocked until
         then, and held by no worker meanwhile. ``depends_on``: tasks (ids or handles) that must all
         succeed first; if one of them fails for good, this task is cancelled (``upstream_failed``).
+        ``actor``: who submits, as recorded (default: this client, :attr:`actor`).
         """
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on))
+                                _when(eta, countdown), _task_ids(depends_on), actor=actor)
         self._check_parents(event)
         self._admit([event])
         try:
@@ -355,12 +357,13 @@ class App:
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
         retry: RetryPolicy | RetryOverride | None = None,
+        actor: str | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
-        await self._ready_to_seal(tenant)
-        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on))
+        build = functools.partial(self._submitted, task, args, kwargs, queue, priority, idempotency_key, tenant,
+                                  correlation_id, _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
+                                  _when(eta, countdown), _task_ids(depends_on), actor=actor)
+        event = await asyncio.to_thread(build) if self._sealing_reads_keys(tenant) else build()
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
         if not self.tenants.unlimited(event.tenant):
@@ -372,12 +375,11 @@ class App:
                 raise
         return TaskHandle(self, event.stream_id)
 
-    async def _ready_to_seal(self, tenant: str | None) -> None:
-        """Read the tenant's key off the loop if sealing would read it (once a minute at most)."""
+    def _sealing_reads_keys(self, tenant: str | None) -> bool:
+        """Whether sealing a submit of ``tenant`` would read the key table now (once a minute at most):
+        then a caller on an event loop builds the submit in a thread."""
         payloads = self.payloads
-        tenant = tenant or self.settings.tenant
-        if payloads.sealing and payloads.blocks(tenant):
-            await asyncio.to_thread(payloads.keys.current, tenant)
+        return payloads.sealing and payloads.blocks(tenant or self.settings.tenant)
 
     def _writer(self) -> GroupCommitWriter:
         loop = asyncio.get_running_loop()
@@ -400,6 +402,8 @@ class App:
         due_at: datetime | None = None,
         depends_on: Sequence[uuid.UUID] = (),
         receives: str | None = None,
+        *,
+        actor: str | None = None,
     ) -> TaskSubmitted:
         definition = self._tasks.get(task)
         args_list, kwargs_dict = list(args), dict(kwargs or {})
@@ -419,7 +423,7 @@ class App:
             priority=priority if priority is not None else (
                 definition.priority if definition else self.settings.default_priority),
             tenant=tenant,
-            actor=self.actor,
+            actor=actor or self.actor,
             now=utcnow(),
             correlation_id=correlation_id,
             idempotency_key=idempotency_key,
@@ -448,10 +452,10 @@ class App:
         """
         for parent in event.depends_on:
             events = self.store.read_stream(parent, to_version=1)
-            if not events or not isinstance(events[0], TaskSubmitted):
-                raise ValidationError(f"depends_on: no task with id {parent}")
-            if events[0].tenant != event.tenant:
-                raise ValidationError(f"depends_on: task {parent} belongs to another tenant")
+            # Another tenant's task is refused in the very words of a missing one: ids derived from
+            # idempotency keys can be computed for any tenant, and must not tell what it submitted.
+            if not events or not isinstance(events[0], TaskSubmitted) or events[0].tenant != event.tenant:
+                raise ValidationError(f"depends_on: no task with id {parent} in tenant {event.tenant}")
 
     # -- operating ----------------------------------------------------------------------------
 
@@ -649,9 +653,14 @@ def _when(eta: datetime | None, countdown: float | None) -> datetime | None:
         if not 0 <= countdown <= 366 * 86400:
             raise ValidationError(f"countdown must be between 0 and a year of seconds, got {countdown}")
         return utcnow() + timedelta(seconds=countdown)
-    if eta is not None and eta.utcoffset() is None:
+    if eta is None:
+        return None
+    if eta.utcoffset() is None:
         raise ValidationError(f"eta must be an aware datetime (with a timezone), got {eta.isoformat()}")
-    return None if eta is None else eta.astimezone(UTC)
+    try:
+        return eta.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00: past the last time a datetime holds in UTC
+        raise ValidationError(f"eta {eta.isoformat()} is out of range") from None
 
 
 class _Limits(NamedTuple):

@@ -87,7 +87,7 @@ def _authorize(options: argparse.Namespace) -> None:
     if permission is None:
         return
     app = _app(options)
-    token = options.token or os.environ.get("BROKER_Q_TOKEN")
+    token = getattr(options, "token", None) or os.environ.get("BROKER_Q_TOKEN")
     if token:
         principal = app.access.authenticate(token)
     elif app.settings.require_token:
@@ -192,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("id")
     sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
+    sub = command("api", _api, "serve the HTTP API (bearer tokens; OpenAPI at /openapi.json)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    sub.add_argument("--app", metavar="MODULE:APP", help="check submitted arguments against this App's tasks")
+    sub.add_argument("--public-metrics", action="store_true", default=None,
+                     help="serve /metrics without a token (default: $BROKER_Q_API_PUBLIC_METRICS or off)")
+
     from broker_q.admin import add_commands as add_admin_commands
     from broker_q.breakers import add_commands as add_breaker_commands
     from broker_q.keys import add_commands as add_key_commands
@@ -207,18 +214,18 @@ def _parser() -> argparse.ArgumentParser:
     add_workflow_commands(commands)
     add_key_commands(commands)
     add_admin_commands(commands)
-    _name_commands(parser, [])
+    name_commands(parser)
     return parser
 
 
-def _name_commands(parser: argparse.ArgumentParser, path: list[str]) -> None:
+def name_commands(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> None:
     """Give every command its path (``dlq replay``) as ``options.path``: what :data:`PERMISSIONS` is keyed by."""
     subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if path and (not subcommands or parser.get_default("command") is not None):
         parser.set_defaults(path=" ".join(path))  # a command, or a group that runs one when given none
     for action in subcommands:
         for name, sub in action.choices.items():
-            _name_commands(sub, [*path, name])
+            name_commands(sub, [*path, name])
 
 
 def _positive_int(text: str) -> int:
@@ -230,7 +237,7 @@ def _positive_int(text: str) -> int:
 
 def _app(options: argparse.Namespace, app: App | None = None) -> App:
     """The command's App: ``app`` configured from the options, or one made from them (once per command)."""
-    overrides = {k: v for k, v in (("store", options.store), ("amqp_url", options.amqp_url)) if v}
+    overrides = {k: v for k in ("store", "amqp_url") if (v := getattr(options, k, None))}
     if app is None:
         made: App | None = getattr(options, "app_instance", None)
         if made is None:
@@ -333,6 +340,14 @@ def _cancel(options: argparse.Namespace) -> int:
     authorize_task(options, Permission.CANCEL, app.get_task(task_id).tenant, f"cancel {task_id}")
     state = app.cancel(task_id, reason=options.reason, actor=actor_of(options))
     print(f"{state.task_id} cancelled at v{state.version}: {state.cancel_reason}")
+    return 0
+
+
+def _api(options: argparse.Namespace) -> int:
+    from broker_q.api import serve
+
+    app = _app(options, load_app(options.app) if options.app else None)
+    serve(app, host=options.host, port=options.port, public_metrics=options.public_metrics)
     return 0
 
 

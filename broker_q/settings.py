@@ -49,6 +49,8 @@ class Settings(BaseSettings):
         default=False, description="The CLI refuses to run a command without a token (--token or BROKER_Q_TOKEN); "
                                    "by default the local operator, who can open the store's files, is an admin")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds SIGTERM waits for running tasks")
+    api_public_metrics: bool = Field(
+        default=False, description="Serve the HTTP API's /metrics without a token (else it needs the read permission)")
 
     @field_validator("master_key")
     @classmethod

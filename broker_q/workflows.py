@@ -91,8 +91,10 @@ class Workflows:
         return WorkflowHandle(self._app, events[0].stream_id)
 
     async def submit_async(self, workflow: Canvas, *, tenant: str | None = None) -> WorkflowHandle:
-        await self._app._ready_to_seal(tenant)
-        events = self.events(workflow, tenant=tenant)
+        if self._app._sealing_reads_keys(tenant):
+            events = await asyncio.to_thread(self.events, workflow, tenant=tenant)
+        else:
+            events = self.events(workflow, tenant=tenant)
         await asyncio.to_thread(self._app._admit, [e for e in events if isinstance(e, TaskSubmitted)])
         await asyncio.to_thread(self._app.store.append, events)
         return WorkflowHandle(self._app, events[0].stream_id)

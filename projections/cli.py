@@ -82,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one replay command on its own: ``python -m projections.cli [--store URL] COMMAND ...``."""
     parser = argparse.ArgumentParser(prog="python -m projections.cli", description="broker_q replay queries")
     parser.add_argument("--store", help="event store URL (default: $BROKER_Q_STORE or sqlite:///broker_q.sqlite)")
+    parser.add_argument("--token", help="an API token to act as (default: $BROKER_Q_TOKEN; none: the local operator)")
     add_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
-    from broker_q.cli import execute
+    from broker_q.cli import execute, name_commands
 
+    name_commands(parser)
     return execute(parser.parse_args(argv))
 
 

@@ -163,7 +163,7 @@ def test_events_text_is_one_line_per_event(recorded: tuple[str, Story, list[int]
         (["events", "--type", "strated"], "unknown event type strated"),
         (["events", "--task", "nope"], "'nope' is not a task id"),
         (["replay", str(uuid.UUID(int=99))], f"no task with id {uuid.UUID(int=99)}"),
-        (["state", "--position", "3", "--task", str(uuid.UUID(int=1)), "--queue", "mail"], "do not apply"),
+        (["state", "--position", "3", "--task", str(uuid.UUID(int=1)), "--queue", "mail"], "not apply with --task"),
         (["state", "--at", "2024-13-01", "--json"], "--at: '2024-13-01' is not an ISO 8601 time"),
     ],
     ids=["bad-time", "bad-type", "bad-id", "unknown-task", "filters-with-task", "bad-month"],

@@ -498,3 +498,16 @@ def test_a_replay_with_new_arguments_seals_the_whole_arguments_again(app: App) -
     replayed = app.replay_dead_letter(handle.id, reason="fixed", args=[2, "new"])
     assert (replayed.args, replayed.kwargs, replayed.sealed_arguments is not None) == ([], {}, True)
     assert app.payloads.arguments(replayed) == ([2, "new"], {"keep": True})
+
+
+@pytest.mark.parametrize("how", ["submit", "submit_async"])
+async def test_a_refused_submit_seals_nothing_and_makes_no_key(app: App, how: str) -> None:
+    async def submit() -> object:
+        if how == "submit":
+            return app.submit("anything", ["s3cret"], tenant="Not A Tenant")
+        return await app.submit_async("anything", ["s3cret"], tenant="Not A Tenant")
+
+    with pytest.raises(DomainError, match="not a tenant name"):
+        await submit()
+    assert app.store.keys.keys_of("Not A Tenant") == []
+    assert app.store.max_position() == 0

@@ -110,6 +110,7 @@ EXPORTED = {
     "broker_q.payloads": ["Payloads", "arguments_size", "reveal"],
     "broker_q.keys": ["KeyInfo", "Keys", "add_commands"],
     "broker_q.amqp": ["REASON_HEADER", "Topology", "connect", "redact"],
+    "broker_q.api": ["create_api", "serve"],
     "broker_q.errors": [
         "BrokerQError",
         "BrokerUnavailable",
