@@ -35,7 +35,7 @@ import pydantic
 from broker_q.access import Access
 from broker_q.arguments import Parameters
 from broker_q.canvas import Canvas, Signature
-from broker_q.codec import check_json, dumps
+from broker_q.codec import check_json
 from broker_q.domain.breaker import BreakerPolicy
 from broker_q.domain.events import Event, TaskEvent, TaskSubmitted
 from broker_q.domain.retry import RetryOverride, RetryPolicy
@@ -61,10 +61,12 @@ from broker_q.errors import (
     UnknownTask,
     ValidationError,
 )
+from broker_q.master_key import MasterKey
 from broker_q.middleware import Middleware
+from broker_q.payloads import Payloads, arguments_size
 from broker_q.schedules import Schedules
 from broker_q.settings import Settings
-from broker_q.store.eventsourcing import open_store
+from broker_q.store.eventsourcing import open_store, store_environment
 from broker_q.store.port import EventStore
 from broker_q.store.writer import GroupCommitWriter
 from broker_q.tenants import Tenants
@@ -226,13 +228,13 @@ class App:
 
     @property
     def store(self) -> EventStore:
-        """The event store, opened on first use."""
+        """The event store, opened on first use, with the master key the settings give (see :meth:`master_key`)."""
         with self._store_lock:
             return self._open_store()
 
     def _open_store(self) -> EventStore:
         if self._store is None:
-            self._store = open_store(self.settings.store)
+            self._store = open_store(self.settings.store, master_key=self.master_key())
         return self._store
 
     @property
@@ -257,6 +259,30 @@ class App:
 
             self._waiting = WaitingTasks(self.settings.store)
         return self._waiting(tenant)
+
+    def master_key(self) -> MasterKey | None:
+        """The master key of ``master_key`` or ``master_key_file``; None leaves it to the store.
+
+        Without either, an SQLite store makes ``<db>.master.key`` beside its file on first use (and
+        says so in a WARNING), while a PostgreSQL store has none: with encryption on, that is a
+        :class:`ConfigurationError` here, before anything is recorded.
+        """
+        settings = self.settings
+        if settings.master_key is not None:
+            return MasterKey.from_text(settings.master_key.get_secret_value(), "BROKER_Q_MASTER_KEY")
+        if settings.master_key_file is not None:
+            return MasterKey.from_file(settings.master_key_file)
+        if settings.encryption and store_environment(settings.store)["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+            raise ConfigurationError(
+                "encryption is on and a PostgreSQL store needs a master key: set BROKER_Q_MASTER_KEY (base64 of "
+                "32 bytes, e.g. from `openssl rand -base64 32`) or BROKER_Q_MASTER_KEY_FILE, or switch encryption "
+                "off with BROKER_Q_ENCRYPTION=false")
+        return None
+
+    @property
+    def payloads(self) -> Payloads:
+        """Seals the arguments and results of this app's tasks (when ``encryption`` is on) and opens them."""
+        return Payloads(lambda: self.store.keys, sealing=self.settings.encryption)
 
     def close(self) -> None:
         with self._store_lock:
@@ -334,9 +360,10 @@ class App:
         actor: str | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
-        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on), actor=actor)
+        build = functools.partial(self._submitted, task, args, kwargs, queue, priority, idempotency_key, tenant,
+                                  correlation_id, _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
+                                  _when(eta, countdown), _task_ids(depends_on), actor=actor)
+        event = await asyncio.to_thread(build) if self._sealing_reads_keys(tenant) else build()
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
         if not self.tenants.unlimited(event.tenant):
@@ -347,6 +374,12 @@ class App:
             if idempotency_key is None:
                 raise
         return TaskHandle(self, event.stream_id)
+
+    def _sealing_reads_keys(self, tenant: str | None) -> bool:
+        """Whether sealing a submit of ``tenant`` would read the key table now (once a minute at most):
+        then a caller on an event loop builds the submit in a thread."""
+        payloads = self.payloads
+        return payloads.sealing and payloads.blocks(tenant or self.settings.tenant)
 
     def _writer(self) -> GroupCommitWriter:
         loop = asyncio.get_running_loop()
@@ -380,6 +413,7 @@ class App:
             definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
         task_id = client_task_id(tenant, idempotency_key)
+        payloads = self.payloads
         return submit(
             task_id=task_id,
             task=task,
@@ -400,6 +434,7 @@ class App:
             due_at=due_at,
             depends_on=depends_on,
             receives=receives,
+            seal=functools.partial(payloads.seal_arguments, tenant, task_id) if payloads.sealing else None,
         )
 
     def _admit(self, submitted: Sequence[TaskSubmitted]) -> None:
@@ -407,7 +442,7 @@ class App:
         recorded: a refusal is recorded and raised as :class:`~broker_q.errors.QuotaExceeded`."""
         first = submitted[0]
         self.tenants.admit(first.tenant, task=first.task, count=len(submitted), actor=first.actor,
-                           payload_bytes=lambda: max(len(dumps([e.args, e.kwargs])) for e in submitted))
+                           payload_bytes=lambda: max(arguments_size(e) for e in submitted))
 
     def _check_parents(self, event: TaskSubmitted) -> None:
         """Refuse parents that do not exist or belong to another tenant.
@@ -456,10 +491,19 @@ class App:
             new_kwargs = None if kwargs is None else dict(kwargs)
             check_json(new_args, "args")
             check_json(new_kwargs, "kwargs")
+            if new_args is None and new_kwargs is None:
+                return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow())
+            payloads = self.payloads
+            old_args, old_kwargs = payloads.arguments(state)
+            whole_args = old_args if new_args is None else new_args
+            whole_kwargs = old_kwargs if new_kwargs is None else new_kwargs
             definition = self._tasks.get(state.task)
-            if definition is not None and (new_args is not None or new_kwargs is not None):
-                definition.check_arguments(state.args if new_args is None else new_args,
-                                           state.kwargs if new_kwargs is None else new_kwargs)
+            if definition is not None:
+                definition.check_arguments(whole_args, whole_kwargs)
+            if payloads.sealing or state.sealed_arguments is not None:
+                sealed = payloads.seal_arguments(state.tenant, state.task_id, whole_args, whole_kwargs)
+                return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(),
+                                          sealed_arguments=sealed)
             return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(), args=new_args,
                                       kwargs=new_kwargs)
 
@@ -791,7 +835,7 @@ class TaskHandle(Generic[R]):
         except TaskNotFound:
             return None
         if state.status is TaskStatus.SUCCEEDED:
-            result: R = state.result
+            result: R = self.app.payloads.result(state)
             return lambda: result
         if state.status is TaskStatus.DEAD_LETTERED:
             error = TaskFailed(str(self.id), state.error_type or "Error", state.error or "", state.traceback)

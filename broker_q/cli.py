@@ -21,6 +21,7 @@ from broker_q.codec import loads
 from broker_q.domain.access import Permission, Principal
 from broker_q.domain.retry import RetryOverride
 from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, Unauthenticated, ValidationError
+from broker_q.payloads import Payloads
 from broker_q.relay import Relay
 from broker_q.rendering import history_row, status_view
 from broker_q.scheduler import Scheduler
@@ -106,6 +107,17 @@ def authorize_task(options: argparse.Namespace, permission: Permission, tenant: 
         _app(options).access.authorize(principal, permission, tenant, action=action)
 
 
+def payloads_for(options: argparse.Namespace, tenant: str,
+                 payloads: Payloads) -> tuple[Payloads | None, str | None]:
+    """``payloads`` if the command's principal may see the opened arguments and results of ``tenant``'s
+    tasks (the ``read_payloads`` permission), else None and why. Without it the task is still shown,
+    its payloads sealed: the command itself was allowed, so this is not a refusal."""
+    principal: Principal | None = getattr(options, "principal", None)
+    if principal is not None and not principal.can(Permission.READ_PAYLOADS, tenant):
+        return None, f"{principal.describe()} lacks the {Permission.READ_PAYLOADS} permission"
+    return payloads, None
+
+
 def actor_of(options: argparse.Namespace) -> str:
     """The actor recorded for what the command does: its principal (with a token), else the operator."""
     principal: Principal | None = getattr(options, "principal", None)
@@ -189,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from broker_q.admin import add_commands as add_admin_commands
     from broker_q.breakers import add_commands as add_breaker_commands
+    from broker_q.keys import add_commands as add_key_commands
     from broker_q.schedules import add_commands as add_schedule_commands
     from broker_q.workflows import add_commands as add_workflow_commands
     from projections.cli import add_commands
@@ -199,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     add_breaker_commands(commands)
     add_schedule_commands(commands, _serve)
     add_workflow_commands(commands)
+    add_key_commands(commands)
     add_admin_commands(commands)
     name_commands(parser)
     return parser
@@ -293,9 +307,11 @@ def _submit(options: argparse.Namespace) -> int:
 
 
 def _status(options: argparse.Namespace) -> int:
-    state = _app(options).get_task(_as_uuid(options.id))
+    app = _app(options)
+    state = app.get_task(_as_uuid(options.id))
     authorize_task(options, Permission.READ, state.tenant, f"status {state.task_id}")
-    view = status_view(state)
+    payloads, withheld = payloads_for(options, state.tenant, app.payloads)
+    view = status_view(state, payloads, withheld=withheld)
     if options.json:
         print(json.dumps(view, indent=2))
     else:
@@ -356,7 +372,8 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop), Scheduler(app.store).run(stop)]
+        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop),
+                 Scheduler(app.store, payloads=app.payloads).run(stop)]
         if not options.no_projections:
             from projections.commands import run_projections
 

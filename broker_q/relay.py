@@ -15,6 +15,10 @@ backoff, a deferral while its service's breaker is open) becomes a timer in the 
 holds a message for a delay, so any number of waiting tasks cost the workers nothing and survive
 restarts.
 
+Sealed arguments (``docs/decisions/0008-payload-encryption.md``) go into work messages as they are
+stored: the relay never opens them. Its coordinator does, only to put parents' results in front of a
+dependant's arguments, and seals them again for that task.
+
 While RabbitMQ is unreachable the relay retries with a capped backoff; the store keeps every event
 meanwhile, so submitting never depends on the broker being up.
 """
@@ -78,7 +82,7 @@ def work_message_body(event: TaskSubmitted) -> bytes:
         "args": event.args, "kwargs": event.kwargs, "priority": event.priority, "tenant": event.tenant,
         "correlation_id": event.correlation_id,
     }
-    for name in ("max_attempts", "time_limit", "soft_time_limit", "retry"):
+    for name in ("max_attempts", "time_limit", "soft_time_limit", "retry", "sealed_arguments"):
         if getattr(event, name) is not None:
             message[name] = getattr(event, name)
     return dumps(message)
@@ -92,7 +96,7 @@ def work_message_for(state: TaskState) -> bytes:
         "kwargs": state.kwargs, "priority": state.priority, "tenant": state.tenant,
         "correlation_id": state.correlation_id,
     }
-    for name in ("max_attempts", "time_limit", "soft_time_limit"):
+    for name in ("max_attempts", "time_limit", "soft_time_limit", "sealed_arguments"):
         if getattr(state, name) is not None:
             message[name] = getattr(state, name)
     if state.retry is not None:

@@ -21,6 +21,11 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
 - A handler is called only with arguments that fit it, as validated against its type hints
   (``broker_q.arguments``). Ingress envelopes whose arguments do not fit are refused; a recorded
   task whose arguments do not fit (its client could not check them) is dead-lettered uncalled.
+- Sealed arguments are opened before anything of the app runs; arguments that cannot be opened
+  (altered, or under a key that is unknown or shredded) dead-letter the task at once, without a
+  retry and without calling the middleware or the handler. With encryption on (or arguments that
+  came sealed) the result is sealed before ``succeeded`` is appended, and an ingress envelope's
+  arguments are sealed before its ``submitted`` is: no plaintext payload reaches the store.
 - A cancellation reaches the workers as an event (each worker's presence queue is bound to the
   events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
   running sync handler gets ``AttemptCancelled`` raised in its thread (and ``broker_q.cancelled()``
@@ -58,7 +63,14 @@ from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
 from broker_q.breakers import Breakers
 from broker_q.codec import check_json
-from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted, TaskSubmitted, TaskSucceeded
+from broker_q.domain.events import (
+    IngressRejected,
+    TaskCancelled,
+    TaskEvent,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
     TaskStatus,
@@ -75,7 +87,9 @@ from broker_q.domain.task import (
 )
 from broker_q.errors import (
     ConcurrencyConflict,
+    DecryptionError,
     DomainError,
+    KeysShredded,
     QuotaExceeded,
     SerializationError,
     StoreUnavailable,
@@ -166,6 +180,12 @@ class Worker:
         for definition in self.app.tasks.values():
             definition.parameters.prepare()  # a type hint that cannot be resolved stops the worker here
         store = await asyncio.to_thread(lambda: self.app.store)
+        if self.app.settings.encryption:
+            # Now rather than at the first task: a fresh SQLite store makes its master key file here
+            # (and says where, to back it up), and a wrong master key stops the worker at once. A
+            # tenant whose keys were shredded has its tasks dead-lettered; the worker serves the others.
+            with contextlib.suppress(KeysShredded):
+                await asyncio.to_thread(store.keys.current, self.app.settings.tenant)
         self._writer = GroupCommitWriter(store)
         self._breakers = Breakers(store, self.app.breaker_policies)
         connection = self._connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
@@ -339,6 +359,8 @@ class Worker:
                 return True
             finally:
                 del self._handlers[work.id]
+            if isinstance(outcome, TaskSucceeded):
+                outcome = await self._sealed(outcome, arguments_sealed=work.sealed_arguments is not None)
             try:
                 await self._writer.append([outcome])
             except ConcurrencyConflict:
@@ -443,6 +465,16 @@ class Worker:
                        started: TaskStarted) -> TaskEvent:
         """Run the middleware and the handler; return the attempt's outcome event (not yet appended)."""
         version = started.version + 1
+        if work.sealed_arguments is not None:
+            try:
+                work = await self._opened(work)
+            except DecryptionError as e:
+                # Every attempt would fail alike, and nothing may run on input that is not what was
+                # submitted: a dead letter at once, which a replay with new arguments can revive.
+                return dead_lettered_event(
+                    work.id, version, work.tenant, self.id, work.correlation_id, type(e).__name__,
+                    f"the handler was not called: the arguments of task {work.id} (tenant {work.tenant!r}, key "
+                    f"{e.key_id!r}) cannot be opened: {e}", None, _now())
         attempt = Attempt(task_id=work.id, task=work.task, queue=work.queue, tenant=work.tenant,
                           attempt=started.attempt, worker=self.id, args=work.args, kwargs=work.kwargs)
         outcome = await self._outcome(definition, work, version, attempt)
@@ -452,6 +484,25 @@ class Worker:
             except MiddlewareError as e:
                 outcome = self._failed(definition, work, version, e, traceback.format_exc())
         return outcome
+
+    async def _opened(self, work: WorkMessage) -> WorkMessage:
+        """``work`` with its sealed arguments opened (in a thread only when the key must be read)."""
+        assert work.sealed_arguments is not None
+        payloads = self.app.payloads
+        open_them = functools.partial(payloads.open_arguments, work.tenant, work.id, work.sealed_arguments)
+        if payloads.blocks(work.tenant, work.sealed_arguments):
+            args, kwargs = await asyncio.to_thread(open_them)
+        else:
+            args, kwargs = open_them()
+        return work.model_copy(update={"args": args, "kwargs": kwargs, "sealed_arguments": None})
+
+    async def _sealed(self, outcome: TaskSucceeded, *, arguments_sealed: bool) -> TaskSucceeded:
+        """``outcome`` with its result sealed when encryption is on or the arguments came sealed."""
+        payloads = self.app.payloads
+        seal_it = functools.partial(payloads.succeeded, outcome, arguments_sealed=arguments_sealed)
+        if (payloads.sealing or arguments_sealed) and payloads.blocks(outcome.tenant):
+            return await asyncio.to_thread(seal_it)
+        return seal_it()
 
     async def _outcome(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
                        attempt: Attempt) -> TaskEvent:
@@ -555,6 +606,7 @@ class Worker:
         except StoreUnavailable as e:  # the quotas could not be read: the message waits for the store
             log.warning("not acknowledging ingress message: %s", e)
             return
+        event = await self._sealed_submitted(event)
         try:
             await self._writer.append([event])
         except ConcurrencyConflict:
@@ -599,6 +651,14 @@ class Worker:
             )
         except DomainError as e:
             raise ValidationError(str(e)) from e
+
+    async def _sealed_submitted(self, event: TaskSubmitted) -> TaskSubmitted:
+        """An envelope's task with its arguments sealed when encryption is on: AMQP clients send them
+        plain (``docs/wire-format.md``), and the plaintext must not reach the store."""
+        payloads = self.app.payloads
+        if payloads.sealing and payloads.blocks(event.tenant):
+            return await asyncio.to_thread(payloads.submitted, event)
+        return payloads.submitted(event)
 
     async def _on_unrouted(self, message: AbstractIncomingMessage) -> None:
         await self._refuse(message, f"no queue serves routing key {message.routing_key!r}",

@@ -91,7 +91,10 @@ class Workflows:
         return WorkflowHandle(self._app, events[0].stream_id)
 
     async def submit_async(self, workflow: Canvas, *, tenant: str | None = None) -> WorkflowHandle:
-        events = self.events(workflow, tenant=tenant)
+        if self._app._sealing_reads_keys(tenant):
+            events = await asyncio.to_thread(self.events, workflow, tenant=tenant)
+        else:
+            events = self.events(workflow, tenant=tenant)
         await asyncio.to_thread(self._app._admit, [e for e in events if isinstance(e, TaskSubmitted)])
         await asyncio.to_thread(self._app.store.append, events)
         return WorkflowHandle(self._app, events[0].stream_id)
@@ -249,7 +252,7 @@ class _Waiter:
             step = outputs[len(self._results)]
             task = handle.app.get_task(step.task_id)
             if task.status is TaskStatus.SUCCEEDED:
-                self._results.append(task.result)
+                self._results.append(handle.app.payloads.result(task))
                 continue
             if task.status in (TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED):
                 error = self._error(state, step, task)

@@ -336,8 +336,10 @@ def queue_counts_at(
 def _slim(state: TaskState) -> TaskState:
     # The fold keeps one state per task: drop what it never reads (arguments, results, tracebacks
     # can be large) so that memory grows with the number of tasks, not with their payloads.
-    if state.args or state.kwargs or state.result is not None or state.traceback is not None or state.error:
-        return dataclasses.replace(state, args=[], kwargs={}, result=None, traceback=None, error=None)
+    if (state.args or state.kwargs or state.result is not None or state.traceback is not None or state.error
+            or state.sealed_arguments is not None or state.sealed_result is not None):
+        return dataclasses.replace(state, args=[], kwargs={}, result=None, traceback=None, error=None,
+                                   sealed_arguments=None, sealed_result=None)
     return state
 
 

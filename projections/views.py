@@ -28,6 +28,8 @@ from broker_q.domain.events import (
     BreakerOpened,
     BreakerProbeStarted,
     IngressRejected,
+    KeyRotated,
+    KeysShredded,
     QuotaExceeded,
     TaskCancelled,
     TaskDeadLettered,
@@ -148,7 +150,10 @@ class TasksView:
                     _observe(durations, "queue_wait", key, ts - row["ready_at"])
                 row.update(state="started", attempts=event.attempt, worker=event.worker, started_at=ts)
             elif isinstance(event, TaskSucceeded):
-                row.update(state="succeeded", finished_at=ts, result=dumps(event.result).decode())
+                # A sealed result is kept sealed (its text, as a JSON string): a view never holds plaintext
+                # of a sealed payload, and it is opened only on demand (broker_q.payloads.reveal).
+                kept = event.result if event.sealed_result is None else event.sealed_result
+                row.update(state="succeeded", finished_at=ts, result=dumps(kept).decode())
                 _observe(durations, "run", key, ts - (row["started_at"] or ts))
                 outcomes[(*key, row["task"], "succeeded")] += 1
             elif isinstance(event, (TaskRetryScheduled, TaskDeadLettered)):
@@ -317,11 +322,18 @@ def summary(event: Any) -> str:
             return f"deferred to {event.due_at.isoformat()}: {event.reason}"[:500]
         case TaskReplayed():
             changed = ", ".join(name for name in ("args", "kwargs") if getattr(event, name) is not None)
+            changed = "arguments (sealed)" if event.sealed_arguments is not None else changed
             return f"replayed{f' with new {changed}' if changed else ''}: {event.reason}"[:500]
         case TaskCancelled():
             return f"cancelled: {event.reason}"[:500]
         case TaskReleased():
-            return f"released: every parent succeeded{' (results passed in)' if event.args is not None else ''}"
+            passed = event.args is not None or event.sealed_arguments is not None
+            return f"released: every parent succeeded{' (results passed in)' if passed else ''}"
+        case KeyRotated():
+            return f"key {event.key_id} (generation {event.generation}) is now current"
+        case KeysShredded():
+            erased = ", ".join(event.key_ids) or "none left"
+            return f"keys shredded ({erased}): payloads of this tenant can no longer be opened"[:500]
         case BreakerFailureRecorded():
             return f"breaker {event.service}: failure of task {event.task_id} ({event.error_type})"
         case BreakerOpened():

@@ -20,12 +20,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from broker_q.access import Access, Permission, Principal
 from broker_q.api.context import Context
-from broker_q.errors import PermissionDenied, TaskNotFound, Unauthenticated
+from broker_q.crypto import is_sealed
+from broker_q.errors import ConfigurationError, DecryptionError, PermissionDenied, TaskNotFound, Unauthenticated
+from broker_q.payloads import Payloads
 
-__all__ = ["PAYLOAD_FIELDS", "Caller", "CallerDep", "access", "authenticated", "bearer"]
+__all__ = ["PAYLOAD_FIELDS", "SEALED_FIELDS", "Caller", "CallerDep", "access", "authenticated", "bearer"]
 
 PAYLOAD_FIELDS = ("args", "kwargs", "result")
 """The fields of events and views that hold a task's payloads: shown only with ``read_payloads``."""
+SEALED_FIELDS = ("sealed_arguments", "sealed_result", "sealed_because")
+"""Where those payloads are when sealed (:mod:`broker_q.payloads`): never shown as such; opened into
+the payload fields for a caller who may read them."""
 
 bearer = HTTPBearer(auto_error=False, description="An API token: `broker-q tokens create ...` prints one.")
 
@@ -72,12 +77,14 @@ class Caller:
 
     def payloads(self, values: Mapping[str, Any], tenant: str, task_id: uuid.UUID | None) -> dict[str, Any]:
         """``values`` with its payload fields opened, or removed if the caller may not see them
-        (then ``payloads_hidden`` is true)."""
-        shown = {k: v for k, v in values.items() if k not in PAYLOAD_FIELDS}
+        (then ``payloads_hidden`` is true). Payloads that are sealed but cannot be opened (the
+        tenant's keys were shredded, say) are null, and ``payloads_unreadable`` says why."""
+        shown = {k: v for k, v in values.items() if k not in PAYLOAD_FIELDS and k not in SEALED_FIELDS}
         if any(k in values for k in PAYLOAD_FIELDS):
             hidden = not self.sees_payloads(tenant)
             if not hidden:
-                shown.update({k: _payload(values[k], tenant, task_id) for k in PAYLOAD_FIELDS if k in values})
+                shown.update({k: values[k] for k in PAYLOAD_FIELDS if k in values})
+                shown.update(_opened(self.context.app.payloads, values, tenant, task_id))
             shown["payloads_hidden"] = hidden
         return shown
 
@@ -88,10 +95,25 @@ class Caller:
         return shown, bool(shown.pop("payloads_hidden", False))
 
 
-def _payload(value: Any, tenant: str, task_id: uuid.UUID | None) -> Any:
-    """A payload as shown to a caller allowed to read it. The one place where sealed values
-    (``bq1:...``, :mod:`broker_q.crypto`) are to be opened, once the keyring opens them on demand."""
-    return value
+def _opened(payloads: Payloads, values: Mapping[str, Any], tenant: str, task_id: uuid.UUID | None) -> dict[str, Any]:
+    """The payload fields of ``values`` whose values are sealed, opened: for a caller allowed to read
+    them, the one place of the API where sealed values are opened (:func:`broker_q.payloads.reveal`
+    does it for the CLI). A view's row holds a sealed result as its sealed text in ``result``."""
+    opened: dict[str, Any] = {}
+    if task_id is None:
+        return opened
+    try:
+        if values.get("sealed_arguments") is not None:
+            args, kwargs = payloads.open_arguments(tenant, task_id, values["sealed_arguments"])
+            opened.update(args=args, kwargs=kwargs)
+        if values.get("sealed_result") is not None:
+            opened["result"] = payloads.open_result(tenant, task_id, values["sealed_result"])
+        elif is_sealed(values.get("result")):
+            opened["result"] = payloads.open_result(tenant, task_id, values["result"])
+    except (DecryptionError, ConfigurationError) as e:
+        opened = {name: None for name in PAYLOAD_FIELDS if name in values or name in opened}
+        opened["payloads_unreadable"] = str(e)
+    return opened
 
 
 def authenticated(

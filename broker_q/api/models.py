@@ -62,6 +62,8 @@ QUEUE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$"
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,62}$"
 SCHEDULE_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
 _HIDDEN = "True when arguments and results were left out: they need the read_payloads permission."
+_UNREADABLE = ("Why arguments and results are null although the caller may read them: they are sealed and "
+               "cannot be opened (the tenant's keys were shredded, say).")
 
 
 class _Response(BaseModel):
@@ -116,6 +118,7 @@ class TaskView(_Response):
     kwargs: dict[str, Any] | None = None
     result: Any = None
     payloads_hidden: bool = Field(default=False, description=_HIDDEN)
+    payloads_unreadable: str | None = Field(default=None, description=_UNREADABLE)
     error: str | None = None
     traceback: str | None = None
     worker: str | None = None
@@ -171,6 +174,7 @@ class Timeline(_Response):
     events: list[TimelineEvent]
     totals: TimelineTotals
     payloads_hidden: bool = Field(default=False, description=_HIDDEN)
+    payloads_unreadable: str | None = Field(default=None, description=_UNREADABLE)
 
 
 class DeadLetterReplay(BaseModel):
@@ -212,6 +216,7 @@ class TaskRow(_Response):
     finished_at: datetime | None
     result: Any = None
     payloads_hidden: bool = Field(default=False, description=_HIDDEN)
+    payloads_unreadable: str | None = Field(default=None, description=_UNREADABLE)
     error_type: str | None
     error: str | None
     traceback: str | None
@@ -252,6 +257,7 @@ class EventRecord(_Response):
     causation_id: uuid.UUID | None
     details: dict[str, Any]
     payloads_hidden: bool = Field(default=False, description=_HIDDEN)
+    payloads_unreadable: str | None = Field(default=None, description=_UNREADABLE)
 
 
 class EventPage(_Response):
@@ -316,6 +322,7 @@ class ScheduleView(_Response):
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
     payloads_hidden: bool = Field(default=False, description=_HIDDEN)
+    payloads_unreadable: str | None = Field(default=None, description=_UNREADABLE)
     priority: int
     next_fire: datetime | None
     last_fire: datetime | None

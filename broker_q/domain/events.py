@@ -36,6 +36,9 @@ __all__ = [
     "BreakerProbeStarted",
     "Event",
     "IngressRejected",
+    "KeyRotated",
+    "KeysEvent",
+    "KeysShredded",
     "QuotaExceeded",
     "ScheduleChanged",
     "ScheduleCreated",
@@ -65,6 +68,7 @@ __all__ = [
     "WorkflowEvent",
     "WorkflowSubmitted",
     "event_id",
+    "keys_stream_id",
 ]
 
 _EVENT_NS = uuid.UUID("6f1d5f3e-6a51-4d1e-9c77-0b7c1f3f2a10")
@@ -137,6 +141,10 @@ class TaskSubmitted(TaskEvent):
     """What the task receives from its parents when released, before its own ``args``: ``result``
     (the one parent's result) or ``results`` (the list of the parents' results, in ``depends_on``
     order); None for nothing."""
+    sealed_arguments: str | None = None
+    """``args`` and ``kwargs`` sealed together under the tenant's key (``docs/decisions/0008``): the
+    sealed JSON object ``{"args": [...], "kwargs": {...}}``. When it is set, ``args`` and ``kwargs``
+    are empty; None when the task was submitted with encryption off."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -148,6 +156,9 @@ class TaskReleased(TaskEvent):
     TYPE = "released"
 
     args: list[Any] | None = None
+    sealed_arguments: str | None = None
+    """Instead of ``args``, when the task's arguments or its parents' results are sealed: the
+    arguments it runs with, sealed for this task (``args`` is None then)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,6 +180,9 @@ class TaskSucceeded(TaskEvent):
     TYPE = "succeeded"
 
     result: Any = None
+    sealed_result: str | None = None
+    """The result sealed under the tenant's key (the sealed JSON object ``{"result": ...}``); ``result``
+    is None then."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -229,6 +243,9 @@ class TaskReplayed(TaskEvent):
     reason: str
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
+    sealed_arguments: str | None = None
+    """Instead of ``args`` and ``kwargs``, when the task's arguments are sealed: the whole arguments
+    it runs with from now on, sealed (``args`` and ``kwargs`` are None then)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -257,6 +274,44 @@ class IngressRejected(Event):
     message_id: str | None
     size: int
     sha256: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeysEvent(Event):
+    """An event of a tenant's keys stream (one per tenant, :func:`keys_stream_id`): what was done to
+    its payload keys, for the audit log. The keys themselves are never in an event."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyRotated(KeysEvent):
+    """``key_id`` became the tenant's current key; payloads sealed under older keys still open."""
+
+    TOPIC = "broker_q.keys.rotated"
+    TYPE = "key_rotated"
+
+    key_id: str
+    generation: int
+    previous_key_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeysShredded(KeysEvent):
+    """Every key of the tenant was erased: its sealed payloads can never be opened again, and none
+    are sealed anew. Its events stay, as an audit skeleton."""
+
+    TOPIC = "broker_q.keys.shredded"
+    TYPE = "keys_shredded"
+
+    key_ids: list[str]
+    reason: str = ""
+
+
+_KEYS_NS = uuid.UUID("3c0e8f52-7d1b-5a49-b6e2-41f9a0d7c813")
+
+
+def keys_stream_id(tenant: str) -> uuid.UUID:
+    """The id of ``tenant``'s keys stream."""
+    return uuid.uuid5(_KEYS_NS, tenant)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -541,7 +596,7 @@ TOPICS: dict[str, type[Event]] = {
                 TaskReplayed, TaskCancelled, TaskReleased, IngressRejected, BreakerFailureRecorded, BreakerOpened,
                 BreakerProbeStarted, BreakerClosed,
                 ScheduleCreated, ScheduleChanged, SchedulePaused, ScheduleResumed, ScheduleRemoved, ScheduleFired,
-                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled,
+                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled, KeyRotated, KeysShredded,
                 TokenIssued, TokenRevoked, AccessDenied, TenantCreated, TenantQuotaSet, QuotaExceeded)
 }
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

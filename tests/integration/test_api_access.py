@@ -265,3 +265,18 @@ async def test_payloads_need_the_read_payloads_permission(api: Api) -> None:
                                                 "tenant": "acme"})
     schedule = await api.ok("GET", "/v1/schedules/s", role="viewer", tenant="acme")
     assert (schedule["args"], schedule["payloads_hidden"]) == (None, True)
+
+
+async def test_sealed_payloads_are_opened_for_read_payloads_only_and_never_shown_sealed(api: Api) -> None:
+    task = await api.ok("POST", "/v1/tasks", status=201, json={"task": "add", "args": [20, 22], "tenant": "acme"})
+    stored = await asyncio.to_thread(api.app.get_task, task["id"])
+    assert (stored.args, stored.sealed_arguments is not None) == ([], True)  # sealed in the store
+    for role in ("viewer", "operator"):
+        shown = await api.ok("GET", f"/v1/tasks/{task['id']}", role=role, tenant="acme")
+        events = (await api.ok("GET", "/v1/events", role=role, tenant="acme", params={"task": task["id"]}))["items"]
+        for values in (shown, events[0]["details"]):
+            assert not {"sealed_arguments", "sealed_result", "sealed_because"} & set(values)
+    await asyncio.to_thread(api.app.store.keys.shred, "acme")
+    unreadable = await api.ok("GET", f"/v1/tasks/{task['id']}", role="operator", tenant="acme")
+    assert (unreadable["args"], unreadable["payloads_hidden"]) == (None, False)
+    assert "shredded" in unreadable["payloads_unreadable"]

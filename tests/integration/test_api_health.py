@@ -6,6 +6,7 @@ import socket
 import uuid
 
 from broker_q import App
+from tests.conftest import TEST_MASTER_KEY
 from tests.integration.api_support import api_for
 
 
@@ -46,7 +47,9 @@ async def test_not_ready_names_rabbitmq_when_it_does_not_answer(sqlite_url: str)
 
 
 async def test_not_ready_names_the_store_when_it_does_not_answer(amqp_url: str) -> None:
-    app = App(store=f"postgresql://postgres@127.0.0.1:{closed_port()}/test", amqp_url=amqp_url)
+    # A PostgreSQL deployment gives its master key (without one, encryption on refuses to start).
+    app = App(store=f"postgresql://postgres@127.0.0.1:{closed_port()}/test", amqp_url=amqp_url,
+              master_key=TEST_MASTER_KEY)
     try:
         async with api_for(app) as api:
             response = await api.call("GET", "/readyz", role=None)

@@ -131,7 +131,10 @@ async def test_the_minimum_envelope_is_recorded_and_run(app: App, channel: Abstr
         message_id = await publish(channel, namespace, {"task": "add", "args": [1, 2], "kwargs": {}})
         event = await submitted(app, message_id)
         assert await app.handle(event.stream_id).result(timeout=10) == 3
-    assert (event.task, event.queue, event.args, event.kwargs) == ("add", QUEUE, [1, 2], {})
+    # Sent plain, as the wire format says; sealed by the worker before it was recorded.
+    assert (event.task, event.queue, event.args, event.kwargs) == ("add", QUEUE, [], {})
+    assert event.sealed_arguments is not None
+    assert app.payloads.open_arguments(event.tenant, event.stream_id, event.sealed_arguments) == ([1, 2], {})
     assert event.actor == "amqp:foreign-test"
     assert [e.TYPE for e in app.history(event.stream_id)] == ["submitted", "started", "succeeded"]
 
@@ -314,8 +317,12 @@ async def test_a_foreign_consumer_follows_a_task_on_the_events_exchange(
         (str(event.stream_id), version) for version in (1, 2, 3)]
     assert [item["topic"] for _, item in received] == ["broker_q.task.submitted", "broker_q.task.started",
                                                        "broker_q.task.succeeded"]
-    assert received[0][1]["data"]["args"] == [1, 2]
-    assert received[2][1]["data"]["result"] == 3
+    # The payloads travel sealed, as they are stored: metadata readable, arguments and result not.
+    submitted_data, succeeded_data = received[0][1]["data"], received[2][1]["data"]
+    assert (submitted_data["task"], submitted_data["args"], submitted_data["kwargs"]) == ("add", [], {})
+    assert app.payloads.open_arguments("default", event.stream_id, submitted_data["sealed_arguments"]) == ([1, 2], {})
+    assert succeeded_data["result"] is None
+    assert app.payloads.open_result("default", event.stream_id, succeeded_data["sealed_result"]) == 3
 
 
 async def test_an_envelope_with_a_countdown_and_a_parent_waits_for_both(

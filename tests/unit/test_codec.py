@@ -85,6 +85,12 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         "name": st.text(), "task_id": st.uuids().map(str), "task": st.text(),
         "parents": st.lists(st.text(), max_size=3)}), max_size=4),
     "returns": st.text() | st.lists(st.text(), max_size=4),
+    "sealed_arguments": st.none() | st.text(),
+    "sealed_result": st.none() | st.text(),
+    "key_id": st.text(),
+    "generation": st.integers(1, 2**31),
+    "previous_key_id": optional_text,
+    "key_ids": st.lists(st.text(), max_size=4),
     "token_id": st.none() | st.uuids(),
     "roles": st.lists(st.text(), max_size=5),
     "secret_sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
@@ -117,7 +123,7 @@ def test_every_field_of_every_event_class_has_a_strategy() -> None:
 
 
 def test_every_topic_names_its_own_class() -> None:
-    assert len(TOPICS) == 29
+    assert len(TOPICS) == 31
     for topic, cls in TOPICS.items():
         assert topic == cls.TOPIC
     assert len({cls.TYPE for cls in TOPICS.values()}) == len(TOPICS)

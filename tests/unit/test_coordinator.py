@@ -9,6 +9,7 @@ log into pages, against a reference written out here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import uuid
@@ -24,8 +25,9 @@ from hypothesis import strategies as st
 
 from broker_q.coordinator import ACTOR, Coordinator
 from broker_q.domain import task as domain
-from broker_q.domain.events import TaskEvent
+from broker_q.domain.events import TaskEvent, TaskReleased
 from broker_q.domain.task import TaskState, TaskStatus, replay
+from broker_q.payloads import Payloads
 from broker_q.store import EventStore, Recorded, open_store
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -565,3 +567,69 @@ def test_random_graphs_and_interleavings_end_as_the_reference_says(nodes: list[N
                                 else f"was {parents[named[0]]}")
             assert parents[named[0]] is not SUCCEEDED
     assert not store.dependencies.any()  # no edge outlives the fate of its child
+
+
+# -- sealed payloads ----------------------------------------------------------------------------
+
+
+def _sealing(store: EventStore) -> Payloads:
+    return Payloads(lambda: store.keys, sealing=True)
+
+
+def test_sealed_results_are_opened_and_sealed_again_for_the_child_that_receives_them() -> None:
+    store = new_store()
+    tasks, payloads = Tasks(store), _sealing(store)
+    parent = tasks.submit()
+    tasks.start(parent)
+    done = domain.succeed(tasks.state(parent), result={"total": "s3cret"}, now=tasks.now)
+    tasks._append(payloads.succeeded(done, arguments_sealed=True))
+    child = uuid.UUID(int=99)
+    tasks._append(payloads.submitted(domain.submit(
+        task_id=child, task="t.step", queue="default", args=[1], kwargs={"k": "v"}, priority=5, tenant="acme",
+        actor="client:test", now=tasks.now, depends_on=[parent], receives="result")))
+    follow(Coordinator(store), store)
+    released = store.read_stream(child)[1]
+    assert isinstance(released, TaskReleased)
+    assert released.args is None
+    assert released.sealed_arguments is not None
+    assert "s3cret" not in released.sealed_arguments
+    assert payloads.open_arguments("acme", child, released.sealed_arguments) == ([{"total": "s3cret"}, 1],
+                                                                               {"k": "v"})
+
+
+def test_a_plain_child_of_a_sealed_parent_gets_its_arguments_sealed_never_the_result_plain() -> None:
+    store = new_store()
+    tasks, payloads = Tasks(store), _sealing(store)
+    parent = tasks.submit()
+    tasks.start(parent)
+    tasks._append(payloads.succeeded(domain.succeed(tasks.state(parent), result="s3cret", now=tasks.now),
+                                     arguments_sealed=True))
+    child = tasks.submit(parent, receives="result", args=["own"])
+    follow(Coordinator(store), store)
+    state = tasks.state(child)
+    assert (state.status, state.args) == (READY, [])
+    assert payloads.arguments(state) == (["s3cret", "own"], {})
+
+
+def test_a_result_that_does_not_open_cancels_the_child_naming_the_key_and_nothing_runs_on_it() -> None:
+    store = new_store()
+    tasks, payloads = Tasks(store), _sealing(store)
+    parent = tasks.submit()
+    tasks.start(parent)
+    done = payloads.succeeded(domain.succeed(tasks.state(parent), result=1, now=tasks.now), arguments_sealed=True)
+    assert done.sealed_result is not None
+    flipped = done.sealed_result[:-3] + ("A" if done.sealed_result[-3] != "A" else "B") + done.sealed_result[-2:]
+    tasks._append(dataclasses.replace(done, sealed_result=flipped))
+    child = tasks.submit(parent, receives="result")
+    grandchild = tasks.submit(child)
+    coordinator = Coordinator(store)
+    follow(coordinator, store)
+    state = tasks.state(child)
+    key_id = flipped.split(":")[1]
+    assert state.status is CANCELLED
+    assert state.cancel_reason is not None
+    assert state.cancel_reason.startswith("arguments_unreadable:")
+    assert f"'{key_id}'" in state.cancel_reason
+    assert "'acme'" in state.cancel_reason
+    assert tasks.state(grandchild).cancel_reason == reason(child, "was cancelled")
+    assert coordinator.released == 0

@@ -107,6 +107,8 @@ EXPORTED = {
     "broker_q.canvas": ["DAG", "Canvas", "Chain", "Group", "Signature", "StepOptions", "chain", "chord",
                         "compile_workflow", "dag", "group"],
     "broker_q.workflows": ["WorkflowHandle", "Workflows", "add_commands", "status_json"],
+    "broker_q.payloads": ["Payloads", "arguments_size", "reveal"],
+    "broker_q.keys": ["KeyInfo", "Keys", "add_commands"],
     "broker_q.amqp": ["REASON_HEADER", "Topology", "connect", "redact"],
     "broker_q.api": ["create_api", "serve"],
     "broker_q.dashboard": ["install"],
