@@ -1,6 +1,6 @@
 """The client side of each system, run by the harness in a process of its own.
 
-    python -m bench.peers.client KIND enqueue N        # prints {"seconds": ...}
+    python -m bench.peers.client KIND enqueue N        # prints {"seconds": ..., "cpu_seconds": ...}
     python -m bench.peers.client KIND latency SAMPLES  # prints {"ms": [...]}
 
 KIND is ``broker_q``, ``celery``, ``dramatiq``, ``taskiq`` or ``aio-pika``; queues, stores and the
@@ -33,19 +33,22 @@ WARM_UP = 5
 PAUSE = 0.02
 
 
-async def sync_sends(send: Callable[[], Any], n: int) -> float:
+async def sync_sends(send: Callable[[], Any], n: int) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process) for n sends, scaled from the n - 1 after the first."""
     send()  # connects and declares
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(n - 1):
         send()
-    return (time.perf_counter() - started) * n / max(n - 1, 1)
+    scale = n / max(n - 1, 1)
+    return (time.perf_counter() - started) * scale, (time.process_time() - cpu) * scale
 
 
-async def async_sends(submit: Callable[[], Awaitable[Any]], n: int) -> float:
-    started = time.perf_counter()
+async def async_sends(submit: Callable[[], Awaitable[Any]], n: int) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process, all its threads) for n submits, CHUNK at a time."""
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(0, n, CHUNK):
         await asyncio.gather(*(submit() for _ in range(min(CHUNK, n - i))))
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 class Fifo:
@@ -146,7 +149,7 @@ CLIENTS = {"broker_q": broker_q, "celery": celery, "dramatiq": dramatiq, "taskiq
 def main() -> None:
     kind, action, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     result = asyncio.run(CLIENTS[kind](action, n))
-    print(json.dumps({"seconds": result} if action == "enqueue" else {"ms": result}))
+    print(json.dumps({"seconds": result[0], "cpu_seconds": result[1]} if action == "enqueue" else {"ms": result}))
 
 
 if __name__ == "__main__":

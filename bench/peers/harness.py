@@ -1,6 +1,7 @@
 """One measurement of one system: enqueue, then drain with fresh workers, then idle latency.
 
-**Enqueue**: the system's client (a process of its own) sends N tasks with no worker running.
+**Enqueue**: the system's client (a process of its own) sends N tasks with no worker running; its
+CPU per task is the client process's own (all threads) over the sends.
 **Drain**: the workers are started on the full queue; every task writes its handler time into the
 marks file (:mod:`bench.peers.marks`). The end-to-end rate is (N - 1) / (last mark - first mark):
 the workers' start-up (imports, connecting) is reported apart, as the time from spawning them to the
@@ -44,6 +45,7 @@ class Throughput:
     cpu_us: float
     marks: int
     durable_lag_s: float | None = None
+    client_cpu_us: float = 0.0
     latency_ms: list[float] = field(default_factory=list)
 
 
@@ -87,14 +89,14 @@ def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, in
                 workers.check_alive()
                 raise RuntimeError(f"{system.id}: stuck at {size // RECORD.size} of {n} tasks")
         lag = None
-        if system.durable_count(ctx, n) is not None:
-            while (recorded := system.durable_count(ctx, n)) != n:
-                if recorded is not None and recorded > n:
-                    raise RuntimeError(f"{system.id}: {recorded} tasks recorded as done, {n} sent")
+        if system.durable_done(ctx, n) is not None:
+            while not system.durable_done(ctx, n):
                 if time.time() - progress_at > STALL:
-                    raise RuntimeError(f"{system.id}: {recorded} of {n} recorded as done")
-                time.sleep(0.01)
+                    raise RuntimeError(f"{system.id}: not every task is recorded as done after {STALL} s")
+                time.sleep(0.005)
             lag = time.time()
+            if (recorded := system.durable_count(ctx, n)) != n:
+                raise RuntimeError(f"{system.id}: {recorded} tasks recorded as done, {n} sent")
         time.sleep(0.5)
         cpu1 = workers.cpu()
     finally:
@@ -130,9 +132,10 @@ def measure(system: System, n: int, latency_samples: int) -> Throughput:
     ctx = new_context(system)
     ok = False
     try:
-        enqueue_s = float(run_client(system, ctx, "enqueue", n, timeout=600)["seconds"])  # type: ignore[arg-type]
+        sent = run_client(system, ctx, "enqueue", n, timeout=600)
         rate, startup, cpu_us, counted, lag = drain(system, ctx, n)
-        result = Throughput(n, n / enqueue_s, rate, startup, cpu_us, counted, lag)
+        result = Throughput(n, n / float(sent["seconds"]), rate, startup, cpu_us, counted, lag,  # type: ignore[arg-type]
+                            client_cpu_us=float(sent["cpu_seconds"]) / n * 1e6)  # type: ignore[arg-type]
         if counted != n:
             raise RuntimeError(f"{system.id}: {counted} task runs marked for {n} tasks sent")
         if latency_samples:

@@ -31,9 +31,10 @@ def _percentile(values: Sequence[float], q: float) -> float:
 def throughput_table(results: dict[str, list[Throughput]], labels: dict[str, str],
                      concurrent_raw: tuple[int, list[float]] | None = None) -> str:
     e2e = {k: [r.e2e_rate for r in runs] for k, runs in results.items() if runs}
-    rows = ["| system | tasks per run | enqueue tasks/s | end-to-end tasks/s | x Dramatiq 2x8 | x Celery+DB SQLite "
-            "| x Celery+DB PG | worker CPU µs/task | start-up s | recorded after last handler, ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| system | tasks per run | enqueue tasks/s | end-to-end tasks/s | x Dramatiq 2x8 "
+            "| x Celery+DB SQLite | x Celery+DB PG | client CPU µs/task | worker CPU µs/task | start-up s "
+            "| recorded after last handler, ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, runs in results.items():
         if not runs:
             continue
@@ -42,7 +43,8 @@ def throughput_table(results: dict[str, list[Throughput]], labels: dict[str, str
         rows.append(
             f"| {labels[key]} | {runs[0].tasks:,} | {_range([r.enqueue_rate for r in runs])} | {_range(e2e[key])} "
             f"| {_ratio(median, e2e.get(DRAMATIQ))} | {_ratio(median, e2e.get(CELERY_DB_SQLITE))} "
-            f"| {_ratio(median, e2e.get(CELERY_DB_PG))} | {_range([r.cpu_us for r in runs])} "
+            f"| {_ratio(median, e2e.get(CELERY_DB_PG))} | {_range([r.client_cpu_us for r in runs])} "
+            f"| {_range([r.cpu_us for r in runs])} "
             f"| {statistics.median(r.startup_s for r in runs):.1f} | {_range(lags) if lags else 'n/a'} |")
     if concurrent_raw and concurrent_raw[1]:
         n, rates = concurrent_raw
@@ -50,7 +52,7 @@ def throughput_table(results: dict[str, list[Throughput]], labels: dict[str, str
         rows.append(f"| raw aio-pika, producer and consumer together in one process (`bench/e2e.py`'s baseline) "
                     f"| {n:,} | | {_range(rates)} | {_ratio(median, e2e.get(DRAMATIQ))} "
                     f"| {_ratio(median, e2e.get(CELERY_DB_SQLITE))} | {_ratio(median, e2e.get(CELERY_DB_PG))} "
-                    "| | | |")
+                    "| | | | |")
     return "\n".join(rows)
 
 
