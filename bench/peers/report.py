@@ -12,6 +12,43 @@ from bench.peers.harness import Throughput
 __all__ = ["SECTION", "latency_table", "replace_section", "throughput_table"]
 
 SECTION = "## Peers, side by side"
+METHOD = """\
+`bench/peers/` (`pip install -e '.[bench]'` for the peers; a peer whose package is missing is skipped
+and named). Every repetition runs every system once, in an order rotated by one each time, each on
+fresh queues (and a fresh store, result schema or namespace), deleted afterwards. N no-op tasks:
+
+- **enqueue**: the system's own client, in a process of its own, sends N tasks while no worker runs
+  (connecting and declaring are outside the time). broker_q: `App.submit_async`, 500 at a time, which
+  commits `submitted` events in group commits (publishing is the relay's job, so it falls in the
+  drain); Taskiq and raw aio-pika: 500 sends at a time, with publisher confirms; Celery and Dramatiq:
+  one `.delay()`/`.send()` after another, without publisher confirms (their default).
+- **end-to-end**: then the workers start on the full queue. Each task's handler appends its time to a
+  file (8 bytes, `O_APPEND`, in `/dev/shm`); the harness only `stat`s it every 20 ms, from outside the
+  measured processes. Rate = (N - 1) / (last handler time - first handler time), so the workers'
+  start-up (imports, connecting: the start-up column) is left out. The run fails unless the file
+  holds exactly N records after the workers stop (a task run twice, or lost, fails it).
+- **recorded after last handler**: for the systems that keep task state (broker_q's event store,
+  Celery's result backend), the time from the last handler to the moment every task's final state
+  is committed there; the count is then checked to be N.
+- **CPU per task**: user + system CPU of the worker processes and their children (from `/proc`), from
+  the first task until 0.5 s after the last, over the tasks in that window; broker_q counts its relay
+  and its worker. The broker's and the databases' servers are not counted, for any system.
+  The client's CPU per task is the enqueuing process's own.
+- **idle latency**: fresh workers, idle; the client submits one task at a time, 20 ms apart, and the
+  sample is from just before the submit call to the handler's own timestamp, which it writes into a
+  FIFO the client blocks on (no polling). Samples of all repetitions are pooled for p50 and p99.
+
+Systems: broker_q runs `broker-q relay` and `broker-q worker --concurrency 200` as two processes,
+every state change of every task (`submitted`, `started`, `succeeded`) committed to its store
+(SQLite: WAL, synchronous FULL). Celery with a database result backend also sets `task_acks_late`
+and `task_track_started`, on SQLAlchemy with SQLite or PostgreSQL (psycopg); these rows run fewer
+tasks (at most 2,000), being an order of magnitude slower. Celery runs with `--without-mingle
+--without-gossip --without-heartbeat`. Dramatiq: `dramatiq -p 2 -t 8`, default middleware. Taskiq:
+`taskiq worker -w 2` on taskiq-aio-pika,
+with a classic queue (its default is a quorum queue). Raw aio-pika: one consumer process, prefetch
+200, acking each message; the extra row is `bench/e2e.py`'s baseline, producer and consumer together
+in one process, for comparison with earlier figures. Ratios are of medians measured in the same run.
+"""
 DRAMATIQ, CELERY_DB_SQLITE, CELERY_DB_PG = "dramatiq", "celery-prefork-db-sqlite", "celery-prefork-db-postgres"
 
 
