@@ -27,6 +27,7 @@ import aio_pika
 
 from bench import e2e
 from bench.peers.harness import Throughput, measure
+from bench.peers.procs import exit_on_sigterm
 from bench.peers.report import METHOD, SECTION, latency_table, replace_section, throughput_table
 from bench.peers.systems import AMQP_URL, PG_DSN, SYSTEMS
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, help="write the tables into this file's peers section")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     options = parser.parse_args()
+    exit_on_sigterm()
     chosen = [s for s in options.systems.split(",") if s]
     unknown = [s for s in chosen if s not in SYSTEMS and s != "aio-pika-concurrent"]
     if unknown:

@@ -6,10 +6,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["Workers", "tree_cpu"]
+__all__ = ["Workers", "exit_on_sigterm", "tree_cpu"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -39,6 +40,12 @@ def tree_cpu(roots: Iterable[int]) -> float:
         total += stats[pid][1]
         todo.extend(children.get(pid, ()))
     return total
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, a CI stop) raise SystemExit, so that the ``finally`` blocks stop the
+    workers, which run in sessions of their own and would outlive this process."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 class Workers:

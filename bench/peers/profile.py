@@ -9,9 +9,10 @@ functions where the time is spent (self time, by library, and broker_q's own fra
 to the process's CPU per task from /proc. Import-time samples are left out. Needs ``py-spy`` (the
 ``[bench]`` extra) and the right to trace processes (root, or CAP_SYS_PTRACE).
 
-py-spy counts a sample for each thread that is not idle, so threads that wait for the GIL (or
-for SQLite's fsync, which releases it) are counted too: per-thread figures can add up to more
-than the process's CPU.
+py-spy counts a sample for each thread that is not idle, so threads that wait for the GIL, for
+SQLite's fsync (which releases it), or for a CPU on a busy machine are counted too: per-thread
+figures can add up to more than the process's CPU. ``--gil`` samples only the thread that holds the
+GIL: the shares are then those of Python's CPU, which the /proc figure beside them sizes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import re
 import shutil
 import signal
@@ -30,8 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.peers.harness import STALL
 from bench.peers.marks import RECORD
-from bench.peers.procs import Workers, tree_cpu
+from bench.peers.procs import Workers, exit_on_sigterm, tree_cpu
 from bench.peers.systems import PYTHON, SYSTEMS, delete_amqp, new_context
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -142,9 +145,10 @@ def summarize(profile: Profile, tasks: int, top: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(pid: int, out: Path, rate: int) -> subprocess.Popen[bytes]:
+def record(pid: int, out: Path, rate: int, gil: bool) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--threads", "--format", "raw", "--rate",
-                             str(rate), "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(rate), "--output", str(out), *(["--gil"] if gil else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop_recording(recorder: subprocess.Popen[bytes]) -> None:
@@ -157,8 +161,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only the thread holding the GIL: Python's CPU, without waits (and without "
+                             "C code that releases the GIL, such as SQLite's own work and fsync)")
     parser.add_argument("--keep", type=Path, help="keep py-spy's raw collapsed stacks in this folder")
     options = parser.parse_args()
+    exit_on_sigterm()
     n, rate = options.tasks, options.rate
     system = SYSTEMS[f"broker_q-{options.store}"]
     ctx = new_context(system)
@@ -167,7 +175,7 @@ def main() -> None:
     try:
         client = subprocess.Popen([PYTHON, "-m", "bench.peers.client", "broker_q", "enqueue", str(n)], env=ctx.env,
                                   stdout=subprocess.PIPE)
-        submitter = record(client.pid, scratch / "submitter.txt", rate)
+        submitter = record(client.pid, scratch / "submitter.txt", rate, options.gil)
         out, _ = client.communicate(timeout=600)
         stop_recording(submitter)
         sent = json.loads(out.decode().strip().splitlines()[-1])
@@ -181,16 +189,22 @@ def main() -> None:
         marks.touch()
         workers = Workers(system.worker_commands(ctx), {**ctx.env, "BENCH_MARKS": str(marks)}, ctx.dir / "drain.log")
         worker_pid, relay_pid = workers.pids()
-        recorders = [record(worker_pid, scratch / "worker.txt", rate), record(relay_pid, scratch / "relay.txt", rate)]
+        recorders = [record(worker_pid, scratch / "worker.txt", rate, options.gil),
+                     record(relay_pid, scratch / "relay.txt", rate, options.gil)]
         try:
             while marks.stat().st_size == 0:
+                workers.check_alive()
                 time.sleep(0.001)
             cpu0 = {pid: tree_cpu([pid]) for pid in (worker_pid, relay_pid)}
-            first = time.time()
-            while marks.stat().st_size < n * RECORD.size:
+            first = progress_at = time.time()
+            size = 0
+            while size < n * RECORD.size or not system.durable_done(ctx, n):
                 time.sleep(0.05)
-            while not system.durable_done(ctx, n):
-                time.sleep(0.05)
+                workers.check_alive()
+                if marks.stat().st_size != size:
+                    size, progress_at = marks.stat().st_size, time.time()
+                elif time.time() - progress_at > STALL:
+                    raise RuntimeError(f"stuck at {size // RECORD.size} of {n} tasks")
             elapsed = time.time() - first
             cpu1 = {pid: tree_cpu([pid]) for pid in (worker_pid, relay_pid)}
         finally:
@@ -202,8 +216,9 @@ def main() -> None:
                                  ("relay (`broker-q relay`)", relay_pid, "relay.txt")]:
             profiles.append(Profile.read(label, scratch / path, rate))
             profiles[-1].cpu_s = cpu1[pid] - cpu0[pid]
-        print(f"{n:,} no-op tasks, {options.store} store, py-spy at {rate} Hz; submit {n / seconds:,.0f}/s, "
-              f"drain {n / elapsed:,.0f}/s while profiled.\n")
+        print(f"{n:,} no-op tasks, {options.store} store, py-spy at {rate} Hz"
+              f"{' (GIL holder only)' if options.gil else ''}; submit {n / seconds:,.0f}/s, "
+              f"drain {n / elapsed:,.0f}/s while profiled; load average {os.getloadavg()[0]:.2f}.\n")
         for profile in profiles:
             print(summarize(profile, n))
         if options.keep:
