@@ -104,6 +104,19 @@ def _library(function: str) -> str:
     return top.removesuffix(".py") if "/" in path or top.endswith(".py") else top
 
 
+def entry(thread: str, frames: tuple[str, ...]) -> str:
+    """What a sample was doing at the top: the coroutine the event loop was running (the frame after
+    ``Handle._run``), the function a pool thread was running, or the loop's own scheduling."""
+    for i, function in enumerate(frames[:-1]):
+        if function.startswith("Handle._run ("):
+            return frames[i + 1]
+        if function.startswith("_WorkItem.run ("):
+            return f"{frames[i + 1]} [in a thread]"
+    if thread.startswith("broker_q-writer") or not any(f.startswith("BaseEventLoop.run_forever") for f in frames):
+        return f"{frames[min(len(frames) - 1, 4)]} [{thread}]"
+    return "the event loop's own scheduling"
+
+
 def summarize(profile: Profile, tasks: int, top: int = 12) -> str:
     total = sum(profile.stacks.values())
     if not total:
@@ -120,8 +133,10 @@ def summarize(profile: Profile, tasks: int, top: int = 12) -> str:
     libraries: collections.Counter[str] = collections.Counter()
     ours: collections.Counter[str] = collections.Counter()
     every: collections.Counter[str] = collections.Counter()
+    entries: collections.Counter[str] = collections.Counter()
     for (thread, frames), n in profile.stacks.items():
         threads[thread] += n
+        entries[entry(thread, frames)] += n
         self_time[frames[-1]] += n
         libraries[_library(frames[-1])] += n
         for function in set(frames):
@@ -130,6 +145,9 @@ def summarize(profile: Profile, tasks: int, top: int = 12) -> str:
                 if _library(function) == "broker_q":
                     ours[function] += n
     lines += [f"| {t} | {pct(n)} | {per_task(n)} |" for t, n in threads.most_common()]
+    lines += ["", "By what runs: the coroutine (asyncio task or callback) the event loop was running, or a thread's "
+              "function:", "", "| runs | share | µs/task |", "|---|---:|---:|"]
+    lines += [f"| `{f}` | {pct(n)} | {per_task(n)} |" for f, n in entries.most_common(top)]
     lines += ["", "Self time by library (the leaf frame's package):", "", "| library | share | µs/task |",
               "|---|---:|---:|"]
     lines += [f"| {lib} | {pct(n)} | {per_task(n)} |" for lib, n in libraries.most_common(top)]
