@@ -89,10 +89,16 @@ def main() -> None:
     started = datetime.datetime.now().astimezone()
     results: dict[str, list[Throughput]] = {s.id: [] for s in systems}
     concurrent_raw: list[float] = []
+    failures: list[str] = []
     for run in range(options.runs):
         order = systems[run % len(systems):] + systems[:run % len(systems)] if systems else []
         for system in order:
-            result = measure(system, options.tasks, options.latency_samples)
+            try:
+                result = measure(system, options.tasks, options.latency_samples)
+            except Exception as e:  # a shared broker restarted by someone else: the other systems go on
+                failures.append(f"run {run + 1} {system.id}: {type(e).__name__}: {str(e)[:300]}")
+                print(f"run {run + 1} {system.id} FAILED: {e}", file=sys.stderr, flush=True)
+                continue
             results[system.id].append(result)
             p50 = sorted(result.latency_ms)[len(result.latency_ms) // 2] if result.latency_ms else float("nan")
             print(f"run {run + 1} {system.id}: enqueue {result.enqueue_rate:,.0f}/s, end-to-end "
@@ -106,11 +112,13 @@ def main() -> None:
     labels = {s.id: s.label for s in systems}
     tables = (throughput_table(results, labels, (options.tasks, concurrent_raw)) + "\n\n"
               + latency_table(results, labels))
+    if failures:
+        tables += "\n\nRuns that failed (left out of the medians):\n\n" + "\n".join(f"- {f}" for f in failures)
     print(tables)
     if options.json:
         options.json.write_text(json.dumps({
             "tasks": options.tasks, "runs": options.runs, "skipped": skipped,
-            "results": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},
+            "results": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()}, "failures": failures,
             "aio-pika-concurrent": concurrent_raw}, indent=1))
     if options.readme:
         command = " ".join(["python -m bench.peers", *sys.argv[1:]])
@@ -124,6 +132,8 @@ def main() -> None:
             + (f" **The machine was busy (load average above {BUSY}) with other work: a re-run on a quiet "
                "machine is needed before these figures are quoted.**" if busy else ""),
             tables]))
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
