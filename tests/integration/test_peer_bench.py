@@ -69,3 +69,18 @@ def test_the_harness_runs_broker_q_and_raw_aio_pika_and_counts_exactly_n(tmp_pat
         assert all(0 < ms < 5000 for ms in run["latency_ms"]), system
     assert report["results"]["broker_q-sqlite"][0]["durable_lag_s"] is not None  # its store held N succeeded
     assert "| broker_q, sqlite store" in completed.stdout
+
+
+def test_the_readme_section_is_replaced_in_place_and_the_others_kept(tmp_path: Path) -> None:
+    from bench.peers.report import SECTION, replace_section
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n## First\n\none\n\n## Last\n\nlast\n")
+    replace_section(readme, f"{SECTION}\n\nfigures 1\n")
+    assert readme.read_text().endswith(f"## Last\n\nlast\n\n{SECTION}\n\nfigures 1\n")
+    readme.write_text(readme.read_text().replace("## Last\n\nlast\n\n", "") + "\n## After\n\nafter\n")
+    replace_section(readme, f"{SECTION}\n\nfigures 2\n")
+    text = readme.read_text()
+    assert text.count(SECTION) == 1
+    assert f"{SECTION}\n\nfigures 2\n\n## After\n\nafter\n" in text
+    assert text.startswith("# Benchmarks\n\n## First\n\none\n\n")
