@@ -40,14 +40,15 @@ fresh queues (and a fresh store, result schema or namespace), deleted afterwards
 
 Systems: broker_q runs `broker-q relay` and `broker-q worker --concurrency 200` as two processes,
 every state change of every task (`submitted`, `started`, `succeeded`) committed to its store
-(SQLite: WAL, synchronous FULL). Celery with a database result backend also sets `task_acks_late`
-and `task_track_started`, on SQLAlchemy with SQLite or PostgreSQL (psycopg); these rows run fewer
-tasks (at most 2,000), being an order of magnitude slower. Celery runs with `--without-mingle
+(SQLite: WAL, synchronous FULL); as its enqueue is the durable append alone, its drain includes the
+relay publishing the backlog. Celery with a database result backend also sets `task_acks_late` and
+`task_track_started`, on SQLAlchemy with SQLite or PostgreSQL (psycopg); these rows run fewer tasks
+(at most 2,000), being an order of magnitude slower. Celery runs with `--without-mingle
 --without-gossip --without-heartbeat`. Dramatiq: `dramatiq -p 2 -t 8`, default middleware. Taskiq:
-`taskiq worker -w 2` on taskiq-aio-pika,
-with a classic queue (its default is a quorum queue). Raw aio-pika: one consumer process, prefetch
-200, acking each message; the extra row is `bench/e2e.py`'s baseline, producer and consumer together
-in one process, for comparison with earlier figures. Ratios are of medians measured in the same run.
+`taskiq worker -w 2` on taskiq-aio-pika, with a classic queue (its default is a quorum queue). Raw
+aio-pika: one consumer process, prefetch 200, acking each message; the extra row is `bench/e2e.py`'s
+baseline, producer and consumer together in one process, for comparison with earlier figures.
+Ratios are of medians measured in the same run.
 """
 DRAMATIQ, CELERY_DB_SQLITE, CELERY_DB_PG = "dramatiq", "celery-prefork-db-sqlite", "celery-prefork-db-postgres"
 
