@@ -18,16 +18,18 @@ from pathlib import Path
 __all__ = ["RECORD", "mark", "read_marks"]
 
 RECORD = struct.Struct("<d")
-_fd: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
+_open: tuple[int, str, int] | None = None  # (pid, path, fd): a forked child opens its own
 
 
 def mark() -> None:
     """Record that a task ran now (the task handlers of every system call this)."""
-    global _fd
-    pid = os.getpid()
-    if _fd is None or _fd[0] != pid:
-        _fd = (pid, os.open(os.environ["BENCH_MARKS"], os.O_WRONLY | os.O_APPEND))
-    os.write(_fd[1], RECORD.pack(time.time()))
+    global _open
+    pid, path = os.getpid(), os.environ["BENCH_MARKS"]
+    if _open is None or _open[:2] != (pid, path):
+        if _open is not None and _open[0] == pid:
+            os.close(_open[2])
+        _open = (pid, path, os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+    os.write(_open[2], RECORD.pack(time.time()))
 
 
 def read_marks(path: Path) -> list[float]:
