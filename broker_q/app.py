@@ -32,6 +32,7 @@ from typing import (
 
 import pydantic
 
+from broker_q.access import Access
 from broker_q.arguments import Parameters
 from broker_q.canvas import Canvas, Signature
 from broker_q.codec import check_json
@@ -44,11 +45,11 @@ from broker_q.domain.task import (
     TaskStatus,
     cancel,
     check_limits,
+    client_task_id,
     evolve,
     replay,
     replay_dead_letter,
     submit,
-    task_id_for,
 )
 from broker_q.errors import (
     ConcurrencyConflict,
@@ -60,16 +61,20 @@ from broker_q.errors import (
     UnknownTask,
     ValidationError,
 )
+from broker_q.master_key import MasterKey
 from broker_q.middleware import Middleware
+from broker_q.payloads import Payloads, arguments_size
 from broker_q.schedules import Schedules
 from broker_q.settings import Settings
-from broker_q.store.eventsourcing import open_store
+from broker_q.store.eventsourcing import open_store, store_environment
 from broker_q.store.port import EventStore
 from broker_q.store.writer import GroupCommitWriter
+from broker_q.tenants import Tenants
 
 if TYPE_CHECKING:
     from broker_q.domain.workflow import WorkflowStatus
     from broker_q.workflows import WorkflowHandle
+    from projections.queries import WaitingTasks
 
 __all__ = ["App", "TaskDefinition", "TaskHandle", "TaskOptions"]
 
@@ -104,6 +109,9 @@ class App:
         """Each downstream service's circuit breaker policy (:meth:`breaker`); others get the default."""
         self._store: EventStore | None = None
         self._store_lock = threading.Lock()
+        self._access: Access | None = None
+        self._tenants: Tenants | None = None
+        self._waiting: WaitingTasks | None = None
         self._writers: dict[asyncio.AbstractEventLoop, GroupCommitWriter] = {}
 
     @property
@@ -220,17 +228,71 @@ class App:
 
     @property
     def store(self) -> EventStore:
-        """The event store, opened on first use."""
+        """The event store, opened on first use, with the master key the settings give (see :meth:`master_key`)."""
         with self._store_lock:
-            if self._store is None:
-                self._store = open_store(self.settings.store)
-            return self._store
+            return self._open_store()
+
+    def _open_store(self) -> EventStore:
+        if self._store is None:
+            self._store = open_store(self.settings.store, master_key=self.master_key())
+        return self._store
+
+    @property
+    def access(self) -> Access:
+        """Tokens, principals and permission checks (:mod:`broker_q.access`)."""
+        with self._store_lock:
+            if self._access is None:
+                self._access = Access(self._open_store())
+            return self._access
+
+    @property
+    def tenants(self) -> Tenants:
+        """Tenants and their quotas, checked at every submit (:mod:`broker_q.tenants`)."""
+        with self._store_lock:
+            if self._tenants is None:
+                self._tenants = Tenants(self._open_store(), waiting=self._waiting_tasks)
+            return self._tenants
+
+    def _waiting_tasks(self, tenant: str) -> int:
+        if self._waiting is None:
+            from projections.queries import WaitingTasks  # the read side, built on this package
+
+            self._waiting = WaitingTasks(self.settings.store)
+        return self._waiting(tenant)
+
+    def master_key(self) -> MasterKey | None:
+        """The master key of ``master_key`` or ``master_key_file``; None leaves it to the store.
+
+        Without either, an SQLite store makes ``<db>.master.key`` beside its file on first use (and
+        says so in a WARNING), while a PostgreSQL store has none: with encryption on, that is a
+        :class:`ConfigurationError` here, before anything is recorded.
+        """
+        settings = self.settings
+        if settings.master_key is not None:
+            return MasterKey.from_text(settings.master_key.get_secret_value(), "BROKER_Q_MASTER_KEY")
+        if settings.master_key_file is not None:
+            return MasterKey.from_file(settings.master_key_file)
+        if settings.encryption and store_environment(settings.store)["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+            raise ConfigurationError(
+                "encryption is on and a PostgreSQL store needs a master key: set BROKER_Q_MASTER_KEY (base64 of "
+                "32 bytes, e.g. from `openssl rand -base64 32`) or BROKER_Q_MASTER_KEY_FILE, or switch encryption "
+                "off with BROKER_Q_ENCRYPTION=false")
+        return None
+
+    @property
+    def payloads(self) -> Payloads:
+        """Seals the arguments and results of this app's tasks (when ``encryption`` is on) and opens them."""
+        return Payloads(lambda: self.store.keys, sealing=self.settings.encryption)
 
     def close(self) -> None:
         with self._store_lock:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            self._access = self._tenants = None
+            if self._waiting is not None:
+                self._waiting.close()
+                self._waiting = None
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -252,6 +314,7 @@ class App:
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
         retry: RetryPolicy | RetryOverride | None = None,
+        actor: str | None = None,
     ) -> TaskHandle[Any]:
         """Record a new task and return its handle. The same ``idempotency_key`` gives the same task.
 
@@ -262,11 +325,13 @@ class App:
         ``eta`` (an aware datetime) or ``countdown`` (seconds from now): the task is blocked until
         then, and held by no worker meanwhile. ``depends_on``: tasks (ids or handles) that must all
         succeed first; if one of them fails for good, this task is cancelled (``upstream_failed``).
+        ``actor``: who submits, as recorded (default: this client, :attr:`actor`).
         """
         event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
                                 _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on))
+                                _when(eta, countdown), _task_ids(depends_on), actor=actor)
         self._check_parents(event)
+        self._admit([event])
         try:
             self.store.append([event])
         except ConcurrencyConflict:
@@ -292,19 +357,29 @@ class App:
         countdown: float | None = None,
         depends_on: Sequence[TaskRef] = (),
         retry: RetryPolicy | RetryOverride | None = None,
+        actor: str | None = None,
     ) -> TaskHandle[Any]:
         """:meth:`submit` for coroutines; concurrent submits share one transaction (group commit)."""
-        event = self._submitted(task, args, kwargs, queue, priority, idempotency_key, tenant, correlation_id,
-                                _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
-                                _when(eta, countdown), _task_ids(depends_on))
+        build = functools.partial(self._submitted, task, args, kwargs, queue, priority, idempotency_key, tenant,
+                                  correlation_id, _Limits(max_attempts, time_limit, soft_time_limit, _override(retry)),
+                                  _when(eta, countdown), _task_ids(depends_on), actor=actor)
+        event = await asyncio.to_thread(build) if self._sealing_reads_keys(tenant) else build()
         if event.depends_on:
             await asyncio.to_thread(self._check_parents, event)
+        if not self.tenants.unlimited(event.tenant):
+            await asyncio.to_thread(self._admit, [event])
         try:
             await self._writer().append([event])
         except ConcurrencyConflict:
             if idempotency_key is None:
                 raise
         return TaskHandle(self, event.stream_id)
+
+    def _sealing_reads_keys(self, tenant: str | None) -> bool:
+        """Whether sealing a submit of ``tenant`` would read the key table now (once a minute at most):
+        then a caller on an event loop builds the submit in a thread."""
+        payloads = self.payloads
+        return payloads.sealing and payloads.blocks(tenant or self.settings.tenant)
 
     def _writer(self) -> GroupCommitWriter:
         loop = asyncio.get_running_loop()
@@ -327,6 +402,8 @@ class App:
         due_at: datetime | None = None,
         depends_on: Sequence[uuid.UUID] = (),
         receives: str | None = None,
+        *,
+        actor: str | None = None,
     ) -> TaskSubmitted:
         definition = self._tasks.get(task)
         args_list, kwargs_dict = list(args), dict(kwargs or {})
@@ -335,7 +412,8 @@ class App:
         if definition is not None:
             definition.check_arguments(args_list, kwargs_dict, received=receives is not None)
         tenant = tenant or self.settings.tenant
-        task_id = task_id_for(tenant, idempotency_key)
+        task_id = client_task_id(tenant, idempotency_key)
+        payloads = self.payloads
         return submit(
             task_id=task_id,
             task=task,
@@ -345,7 +423,7 @@ class App:
             priority=priority if priority is not None else (
                 definition.priority if definition else self.settings.default_priority),
             tenant=tenant,
-            actor=self.actor,
+            actor=actor or self.actor,
             now=utcnow(),
             correlation_id=correlation_id,
             idempotency_key=idempotency_key,
@@ -356,7 +434,15 @@ class App:
             due_at=due_at,
             depends_on=depends_on,
             receives=receives,
+            seal=functools.partial(payloads.seal_arguments, tenant, task_id) if payloads.sealing else None,
         )
+
+    def _admit(self, submitted: Sequence[TaskSubmitted]) -> None:
+        """Check tasks of one tenant against its quotas (:meth:`Tenants.admit`), before they are
+        recorded: a refusal is recorded and raised as :class:`~broker_q.errors.QuotaExceeded`."""
+        first = submitted[0]
+        self.tenants.admit(first.tenant, task=first.task, count=len(submitted), actor=first.actor,
+                           payload_bytes=lambda: max(arguments_size(e) for e in submitted))
 
     def _check_parents(self, event: TaskSubmitted) -> None:
         """Refuse parents that do not exist or belong to another tenant.
@@ -366,10 +452,10 @@ class App:
         """
         for parent in event.depends_on:
             events = self.store.read_stream(parent, to_version=1)
-            if not events or not isinstance(events[0], TaskSubmitted):
-                raise ValidationError(f"depends_on: no task with id {parent}")
-            if events[0].tenant != event.tenant:
-                raise ValidationError(f"depends_on: task {parent} belongs to another tenant")
+            # Another tenant's task is refused in the very words of a missing one: ids derived from
+            # idempotency keys can be computed for any tenant, and must not tell what it submitted.
+            if not events or not isinstance(events[0], TaskSubmitted) or events[0].tenant != event.tenant:
+                raise ValidationError(f"depends_on: no task with id {parent} in tenant {event.tenant}")
 
     # -- operating ----------------------------------------------------------------------------
 
@@ -405,10 +491,19 @@ class App:
             new_kwargs = None if kwargs is None else dict(kwargs)
             check_json(new_args, "args")
             check_json(new_kwargs, "kwargs")
+            if new_args is None and new_kwargs is None:
+                return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow())
+            payloads = self.payloads
+            old_args, old_kwargs = payloads.arguments(state)
+            whole_args = old_args if new_args is None else new_args
+            whole_kwargs = old_kwargs if new_kwargs is None else new_kwargs
             definition = self._tasks.get(state.task)
-            if definition is not None and (new_args is not None or new_kwargs is not None):
-                definition.check_arguments(state.args if new_args is None else new_args,
-                                           state.kwargs if new_kwargs is None else new_kwargs)
+            if definition is not None:
+                definition.check_arguments(whole_args, whole_kwargs)
+            if payloads.sealing or state.sealed_arguments is not None:
+                sealed = payloads.seal_arguments(state.tenant, state.task_id, whole_args, whole_kwargs)
+                return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(),
+                                          sealed_arguments=sealed)
             return replay_dead_letter(state, reason=reason, actor=actor or self.actor, now=utcnow(), args=new_args,
                                       kwargs=new_kwargs)
 
@@ -558,9 +653,14 @@ def _when(eta: datetime | None, countdown: float | None) -> datetime | None:
         if not 0 <= countdown <= 366 * 86400:
             raise ValidationError(f"countdown must be between 0 and a year of seconds, got {countdown}")
         return utcnow() + timedelta(seconds=countdown)
-    if eta is not None and eta.utcoffset() is None:
+    if eta is None:
+        return None
+    if eta.utcoffset() is None:
         raise ValidationError(f"eta must be an aware datetime (with a timezone), got {eta.isoformat()}")
-    return None if eta is None else eta.astimezone(UTC)
+    try:
+        return eta.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00: past the last time a datetime holds in UTC
+        raise ValidationError(f"eta {eta.isoformat()} is out of range") from None
 
 
 class _Limits(NamedTuple):
@@ -735,7 +835,7 @@ class TaskHandle(Generic[R]):
         except TaskNotFound:
             return None
         if state.status is TaskStatus.SUCCEEDED:
-            result: R = state.result
+            result: R = self.app.payloads.result(state)
             return lambda: result
         if state.status is TaskStatus.DEAD_LETTERED:
             error = TaskFailed(str(self.id), state.error_type or "Error", state.error or "", state.traceback)

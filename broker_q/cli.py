@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -17,8 +18,10 @@ from typing import Any
 from broker_q.amqp.topology import Topology
 from broker_q.app import App, _as_uuid
 from broker_q.codec import loads
+from broker_q.domain.access import Permission, Principal
 from broker_q.domain.retry import RetryOverride
-from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, ValidationError
+from broker_q.errors import BrokerQError, ConfigurationError, TaskFailed, Unauthenticated, ValidationError
+from broker_q.payloads import Payloads
 from broker_q.relay import Relay
 from broker_q.rendering import history_row, status_view
 from broker_q.scheduler import Scheduler
@@ -34,9 +37,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return execute(_parser().parse_args(argv))
 
 
+PERMISSIONS: dict[str, Permission | None] = {
+    # Processes of the deployment: they hold the store's credentials themselves.
+    "worker": None, "run": None, "relay": None, "scheduler": None, "projections run": None, "api": None,
+    "submit": Permission.SUBMIT,
+    "status": Permission.READ, "history": Permission.READ, "events": Permission.READ, "replay": Permission.READ,
+    "state": Permission.READ, "queues": Permission.READ, "tasks": Permission.READ, "dlq list": Permission.READ,
+    "schedules": Permission.READ, "breakers": Permission.READ,
+    "projections status": Permission.READ, "breakers timeline": Permission.READ, "schedules list": Permission.READ,
+    "schedules next": Permission.READ, "schedules history": Permission.READ, "workflow": Permission.READ,
+    "cancel": Permission.CANCEL,
+    "dlq replay": Permission.REPLAY,
+    "audit": Permission.AUDIT,
+    "schedules add": Permission.SCHEDULES, "schedules pause": Permission.SCHEDULES,
+    "schedules resume": Permission.SCHEDULES, "schedules remove": Permission.SCHEDULES,
+    "breakers open": Permission.SCHEDULES, "breakers close": Permission.SCHEDULES,
+    "projections rebuild": Permission.VIEWS,
+    "tokens create": Permission.TOKENS, "tokens list": Permission.TOKENS, "tokens revoke": Permission.TOKENS,
+    "tenants create": Permission.TENANTS, "tenants list": Permission.TENANTS, "tenants quota": Permission.TENANTS,
+    "keys list": Permission.KEYS, "keys rotate": Permission.KEYS, "keys shred": Permission.KEYS,
+}
+"""The permission each command needs (``None``: none, it runs a process of the deployment). A
+command with ``--tenant`` needs it on that tenant; one on a task, on the task's tenant as well."""
+
+
 def execute(options: argparse.Namespace) -> int:
     """Run the command chosen on the command line; a broker_q error is one line and an exit code."""
     try:
+        _authorize(options)
         result: int = options.command(options)
         return result
     except BrokerQError as e:
@@ -49,10 +77,58 @@ def execute(options: argparse.Namespace) -> int:
         return 130
 
 
+def _authorize(options: argparse.Namespace) -> None:
+    """Who runs this command, and whether they may: with a token (``--token`` or ``$BROKER_Q_TOKEN``),
+    its principal; without one, the local operator, an admin (whoever can open the store's files
+    can read them anyway), unless ``BROKER_Q_REQUIRE_TOKEN`` is set. A refusal is audited."""
+    if options.path not in PERMISSIONS:  # refuse, rather than run a command nobody decided about
+        raise ConfigurationError(f"the command {options.path!r} has no permission in broker_q.cli.PERMISSIONS")
+    permission = PERMISSIONS[options.path]
+    if permission is None:
+        return
+    app = _app(options)
+    token = getattr(options, "token", None) or os.environ.get("BROKER_Q_TOKEN")
+    if token:
+        principal = app.access.authenticate(token)
+    elif app.settings.require_token:
+        raise Unauthenticated("this deployment requires a token: give --token or set BROKER_Q_TOKEN")
+    else:
+        principal = Principal.local(operator())
+    tenant = app.access.authorize(principal, permission, getattr(options, "tenant", None), action=options.path)
+    if hasattr(options, "tenant"):
+        options.tenant = tenant  # a principal of one tenant sees that tenant only
+    options.principal = principal
+
+
+def authorize_task(options: argparse.Namespace, permission: Permission, tenant: str, action: str) -> None:
+    """Check the command's principal on the tenant of the task it acts on (audited if refused)."""
+    principal: Principal | None = getattr(options, "principal", None)
+    if principal is not None:
+        _app(options).access.authorize(principal, permission, tenant, action=action)
+
+
+def payloads_for(options: argparse.Namespace, tenant: str,
+                 payloads: Payloads) -> tuple[Payloads | None, str | None]:
+    """``payloads`` if the command's principal may see the opened arguments and results of ``tenant``'s
+    tasks (the ``read_payloads`` permission), else None and why. Without it the task is still shown,
+    its payloads sealed: the command itself was allowed, so this is not a refusal."""
+    principal: Principal | None = getattr(options, "principal", None)
+    if principal is not None and not principal.can(Permission.READ_PAYLOADS, tenant):
+        return None, f"{principal.describe()} lacks the {Permission.READ_PAYLOADS} permission"
+    return payloads, None
+
+
+def actor_of(options: argparse.Namespace) -> str:
+    """The actor recorded for what the command does: its principal (with a token), else the operator."""
+    principal: Principal | None = getattr(options, "principal", None)
+    return principal.name if principal is not None and principal.token_id is not None else operator()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker-q", description="broker_q: an event-sourced task queue on RabbitMQ")
     parser.add_argument("--store", help="event store URL (default: $BROKER_Q_STORE or sqlite:///broker_q.sqlite)")
     parser.add_argument("--amqp-url", help="RabbitMQ URL (default: $BROKER_Q_AMQP_URL or the local server)")
+    parser.add_argument("--token", help="an API token to act as (default: $BROKER_Q_TOKEN; none: the local operator)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -84,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--queue")
     sub.add_argument("--priority", type=int)
     sub.add_argument("--idempotency-key")
+    sub.add_argument("--tenant", help="the tenant the task belongs to (default: $BROKER_Q_TENANT or default)")
     sub.add_argument("--max-attempts", type=_positive_int, help="attempts in all, overriding the task's own")
     sub.add_argument("--time-limit", type=float, help="hard time limit in seconds, overriding the task's own")
     sub.add_argument("--soft-time-limit", type=float, help="soft time limit in seconds, overriding the task's own")
@@ -115,7 +192,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("id")
     sub.add_argument("--reason", default="cancelled by an operator", help="kept in the task's history")
 
+    sub = command("api", _api, "serve the HTTP API (bearer tokens; OpenAPI at /openapi.json)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    sub.add_argument("--app", metavar="MODULE:APP", help="check submitted arguments against this App's tasks")
+    sub.add_argument("--public-metrics", action="store_true", default=None,
+                     help="serve /metrics without a token (default: $BROKER_Q_API_PUBLIC_METRICS or off)")
+
+    from broker_q.admin import add_commands as add_admin_commands
     from broker_q.breakers import add_commands as add_breaker_commands
+    from broker_q.keys import add_commands as add_key_commands
     from broker_q.schedules import add_commands as add_schedule_commands
     from broker_q.workflows import add_commands as add_workflow_commands
     from projections.cli import add_commands
@@ -126,7 +212,20 @@ def _parser() -> argparse.ArgumentParser:
     add_breaker_commands(commands)
     add_schedule_commands(commands, _serve)
     add_workflow_commands(commands)
+    add_key_commands(commands)
+    add_admin_commands(commands)
+    name_commands(parser)
     return parser
+
+
+def name_commands(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> None:
+    """Give every command its path (``dlq replay``) as ``options.path``: what :data:`PERMISSIONS` is keyed by."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if path and (not subcommands or parser.get_default("command") is not None):
+        parser.set_defaults(path=" ".join(path))  # a command, or a group that runs one when given none
+    for action in subcommands:
+        for name, sub in action.choices.items():
+            name_commands(sub, [*path, name])
 
 
 def _positive_int(text: str) -> int:
@@ -137,9 +236,13 @@ def _positive_int(text: str) -> int:
 
 
 def _app(options: argparse.Namespace, app: App | None = None) -> App:
-    overrides = {k: v for k, v in (("store", options.store), ("amqp_url", options.amqp_url)) if v}
+    """The command's App: ``app`` configured from the options, or one made from them (once per command)."""
+    overrides = {k: v for k in ("store", "amqp_url") if (v := getattr(options, k, None))}
     if app is None:
-        return App(**overrides)
+        made: App | None = getattr(options, "app_instance", None)
+        if made is None:
+            made = options.app_instance = App(**overrides)
+        return made
     if overrides:
         app.configure(**overrides)
     return app
@@ -192,6 +295,7 @@ def _submit(options: argparse.Namespace) -> int:
                           retry_on=None if options.retry_on is None else tuple(options.retry_on),
                           dont_retry_on=None if options.dont_retry_on is None else tuple(options.dont_retry_on))
     handle = app.submit(options.task, args, kwargs, queue=options.queue, priority=options.priority,
+                        tenant=options.tenant,
                         idempotency_key=options.idempotency_key, max_attempts=options.max_attempts,
                         time_limit=options.time_limit, soft_time_limit=options.soft_time_limit,
                         eta=options.eta, countdown=options.countdown, depends_on=options.depends_on,
@@ -203,8 +307,11 @@ def _submit(options: argparse.Namespace) -> int:
 
 
 def _status(options: argparse.Namespace) -> int:
-    state = _app(options).get_task(_as_uuid(options.id))
-    view = status_view(state)
+    app = _app(options)
+    state = app.get_task(_as_uuid(options.id))
+    authorize_task(options, Permission.READ, state.tenant, f"status {state.task_id}")
+    payloads, withheld = payloads_for(options, state.tenant, app.payloads)
+    view = status_view(state, payloads, withheld=withheld)
     if options.json:
         print(json.dumps(view, indent=2))
     else:
@@ -216,6 +323,7 @@ def _status(options: argparse.Namespace) -> int:
 
 def _history(options: argparse.Namespace) -> int:
     events = _app(options).history(_as_uuid(options.id))
+    authorize_task(options, Permission.READ, events[0].tenant, f"history {events[0].stream_id}")
     rows = [history_row(e) for e in events]
     if options.json:
         print(json.dumps(rows, indent=2))
@@ -227,8 +335,19 @@ def _history(options: argparse.Namespace) -> int:
 
 
 def _cancel(options: argparse.Namespace) -> int:
-    state = _app(options).cancel(_as_uuid(options.id), reason=options.reason, actor=operator())
+    app = _app(options)
+    task_id = _as_uuid(options.id)
+    authorize_task(options, Permission.CANCEL, app.get_task(task_id).tenant, f"cancel {task_id}")
+    state = app.cancel(task_id, reason=options.reason, actor=actor_of(options))
     print(f"{state.task_id} cancelled at v{state.version}: {state.cancel_reason}")
+    return 0
+
+
+def _api(options: argparse.Namespace) -> int:
+    from broker_q.api import serve
+
+    app = _app(options, load_app(options.app) if options.app else None)
+    serve(app, host=options.host, port=options.port, public_metrics=options.public_metrics)
     return 0
 
 
@@ -253,7 +372,8 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop), Scheduler(app.store).run(stop)]
+        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop),
+                 Scheduler(app.store, payloads=app.payloads).run(stop)]
         if not options.no_projections:
             from projections.commands import run_projections
 

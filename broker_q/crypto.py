@@ -22,17 +22,26 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_string
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker_q.errors import PayloadCorrupted, ValidationError
 
-__all__ = ["KEY_BYTES", "VERSION", "associated_data", "is_sealed", "open_sealed", "seal", "sealed_key_id"]
+__all__ = [
+    "KEY_BYTES",
+    "VERSION",
+    "associated_data",
+    "is_sealed",
+    "open_sealed",
+    "plaintext_length",
+    "seal",
+    "sealed_key_id",
+]
 
 VERSION = "bq1"
 KEY_BYTES = 32
@@ -45,8 +54,10 @@ KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 def associated_data(tenant: str, task_id: str) -> bytes:
     """What binds a payload to its place: a value sealed for one task of one tenant opens for no other."""
-    # JSON, not a separator: no tenant name can be made to read as another tenant and task.
-    return json.dumps(["task", tenant, task_id], separators=(",", ":")).encode()
+    # JSON, not a separator: no tenant name can be made to read as another tenant and task. The bytes
+    # of json.dumps(["task", tenant, task_id], separators=(",", ":")), written out: a tenth of its cost,
+    # paid twice per task.
+    return f'["task",{_json_string(tenant)},{_json_string(task_id)}]'.encode()
 
 
 def seal(key_id: str, key: bytes, plaintext: bytes, associated: bytes) -> str:
@@ -68,6 +79,12 @@ def is_sealed(value: object) -> bool:
 def sealed_key_id(sealed: str) -> str:
     """The key id a sealed value names; :class:`PayloadCorrupted` if it is not one."""
     return _parse(sealed)[0]
+
+
+def plaintext_length(sealed: str) -> int:
+    """How many bytes of plaintext ``sealed`` holds, from its length alone (AES-GCM adds a nonce and a tag
+    and no padding); :class:`PayloadCorrupted` if it is not a sealed value."""
+    return len(_parse(sealed)[1]) - NONCE_BYTES - TAG_BYTES
 
 
 def open_sealed(sealed: str, key_for: Callable[[str], bytes], associated: bytes) -> bytes:

@@ -19,6 +19,9 @@ leak past it::
     │   ├── PayloadCorrupted      the sealed value was altered, truncated, or moved to another task
     │   ├── UnknownKey            no key has the key id the sealed value names
     │   └── KeysShredded          the tenant's keys were shredded: its payloads are gone for good
+    ├── Unauthenticated           no valid token: missing, unknown, expired or revoked
+    ├── PermissionDenied          the principal's roles or tenant do not allow it (audited)
+    ├── QuotaExceeded             a submission over a tenant's quota, which it names (audited)
     ├── TaskFailed                raised by ``TaskHandle.wait`` when the task ended in failure
     │   └── TaskCancelled
     ├── (in ``broker_q.limits``, raised inside or for a handler)
@@ -39,12 +42,15 @@ __all__ = [
     "DomainError",
     "KeysShredded",
     "PayloadCorrupted",
+    "PermissionDenied",
+    "QuotaExceeded",
     "SerializationError",
     "StoreError",
     "StoreUnavailable",
     "TaskCancelled",
     "TaskFailed",
     "TaskNotFound",
+    "Unauthenticated",
     "UnknownKey",
     "UnknownTask",
     "ValidationError",
@@ -117,6 +123,22 @@ class KeysShredded(DecryptionError):
     def __init__(self, tenant: str, key_id: str | None = None) -> None:
         super().__init__(f"keys of tenant {tenant!r} were shredded: its payloads cannot be decrypted", key_id)
         self.tenant = tenant
+
+
+class Unauthenticated(BrokerQError):
+    """No valid token was given: missing, malformed, unknown, expired or revoked."""
+
+
+class PermissionDenied(BrokerQError):
+    """The principal may not do this; the refusal is in the audit log."""
+
+
+class QuotaExceeded(BrokerQError):
+    """A submission is over one of its tenant's quotas; the message names the quota. Audited."""
+
+    def __init__(self, message: str, quota: str) -> None:
+        super().__init__(message)
+        self.quota = quota
 
 
 class TaskFailed(BrokerQError):

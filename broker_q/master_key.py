@@ -91,7 +91,8 @@ class MasterKey:
                     _sync_directory(target.parent)
                     log.warning(
                         "created the master key file %s: every encrypted payload of this store is lost without "
-                        "it. Back it up now, apart from the database, or give BROKER_Q_MASTER_KEY instead", target)
+                        "it. Back it up now, apart from the database, or give BROKER_Q_MASTER_KEY instead",
+                        target.absolute())
             except OSError as e:
                 raise ConfigurationError(f"cannot create the master key file {target}: {e}") from e
             finally:

@@ -15,6 +15,10 @@ backoff, a deferral while its service's breaker is open) becomes a timer in the 
 holds a message for a delay, so any number of waiting tasks cost the workers nothing and survive
 restarts.
 
+Sealed arguments (``docs/decisions/0008-payload-encryption.md``) go into work messages as they are
+stored: the relay never opens them. Its coordinator does, only to put parents' results in front of a
+dependant's arguments, and seals them again for that task.
+
 While RabbitMQ is unreachable the relay retries with a capped backoff; the store keeps every event
 meanwhile, so submitting never depends on the broker being up.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable
@@ -50,6 +55,7 @@ from broker_q.store.lease import hold_lease
 from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
 from broker_q.store.timers import Timer
+from broker_q.tenants import Tenants
 from broker_q.wire import WORK_MESSAGE_TYPE
 
 __all__ = ["EVENTS_MESSAGE_TYPE", "Relay", "work_message_body"]
@@ -65,6 +71,8 @@ _EVENT_JSON = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data"
 
 
 _TIMERS_PER_TICK = 500
+_TENANTS_REFRESH = 2.0
+"""Seconds between reads of which tenants have queues of their own."""
 
 
 def work_message_body(event: TaskSubmitted) -> bytes:
@@ -74,7 +82,7 @@ def work_message_body(event: TaskSubmitted) -> bytes:
         "args": event.args, "kwargs": event.kwargs, "priority": event.priority, "tenant": event.tenant,
         "correlation_id": event.correlation_id,
     }
-    for name in ("max_attempts", "time_limit", "soft_time_limit", "retry"):
+    for name in ("max_attempts", "time_limit", "soft_time_limit", "retry", "sealed_arguments"):
         if getattr(event, name) is not None:
             message[name] = getattr(event, name)
     return dumps(message)
@@ -88,7 +96,7 @@ def work_message_for(state: TaskState) -> bytes:
         "kwargs": state.kwargs, "priority": state.priority, "tenant": state.tenant,
         "correlation_id": state.correlation_id,
     }
-    for name in ("max_attempts", "time_limit", "soft_time_limit"):
+    for name in ("max_attempts", "time_limit", "soft_time_limit", "sealed_arguments"):
         if getattr(state, name) is not None:
             message[name] = getattr(state, name)
     if state.retry is not None:
@@ -123,6 +131,10 @@ class Relay:
         self._max_backoff = max_backoff
         self._store_url = store_url
         self._declared: set[str] = set()
+        self._tenants = Tenants(store)
+        self._separated: frozenset[str] = frozenset()
+        """Tenants whose tasks have work queues of their own (:meth:`Topology.route`), read every 2 s."""
+        self._separated_at = -float("inf")
         self.wakeup = asyncio.Event()
         """Set it to make an idle relay look at the store at once (an in-process hint; polling is the guarantee)."""
         self.position = 0
@@ -277,6 +289,10 @@ class Relay:
         confirms: list[Awaitable[Any]] = []
         batches: dict[str, list[bytes]] = {}
         timers: list[Timer] = []
+        if time.monotonic() - self._separated_at >= _TENANTS_REFRESH:
+            self._separated = await asyncio.to_thread(self._tenants.created)
+            self._separated_at = time.monotonic()
+        route = functools.partial(self._topology.route, separated=self._separated)
         for record in records:
             event = record.event
             batches.setdefault(event_routing_key(event), []).append(_EVENT_JSON % (
@@ -286,23 +302,25 @@ class Relay:
             if isinstance(event, TaskSubmitted):
                 if event.depends_on:
                     continue  # blocked until the coordinator releases it
+                where = route(event.queue, event.tenant)
                 if event.due_at is not None and event.due_at > event.timestamp:
-                    timers.append(Timer(f"{event.stream_id}:{event.version}", event.due_at.timestamp(), event.queue,
+                    timers.append(Timer(f"{event.stream_id}:{event.version}", event.due_at.timestamp(), where,
                                         event.priority, work_message_body(event)))
                     continue
-                await self._declare(channel, event.queue)
-                confirms.append(self._publish_work(work_exchange, work_message_body(event), event.queue,
+                await self._declare(channel, where)
+                confirms.append(self._publish_work(work_exchange, work_message_body(event), where,
                                                    event.priority, f"{event.stream_id}:{event.version}"))
             elif isinstance(event, (TaskRetryScheduled, TaskDeferred, TaskReplayed, TaskReleased)):
                 state = await self._state_at(event)
                 if state is None:
                     continue
+                where = route(state.queue, state.tenant)
                 if state.status is TaskStatus.READY:  # replayed, or released with nothing to wait for
-                    await self._declare(channel, state.queue)
-                    confirms.append(self._publish_work(work_exchange, work_message_for(state), state.queue,
+                    await self._declare(channel, where)
+                    confirms.append(self._publish_work(work_exchange, work_message_for(state), where,
                                                        state.priority, f"{state.task_id}:{state.version}"))
                 elif state.due_at is not None:
-                    timers.append(Timer(f"{state.task_id}:{state.version}", state.due_at.timestamp(), state.queue,
+                    timers.append(Timer(f"{state.task_id}:{state.version}", state.due_at.timestamp(), where,
                                         state.priority, work_message_for(state)))
         if timers:
             # Stored before the page counts as published: the position never passes a waiting task
@@ -322,19 +340,19 @@ class Relay:
             raise
 
 
-    async def _declare(self, channel: AbstractChannel, queue: str) -> None:
-        if queue not in self._declared:
+    async def _declare(self, channel: AbstractChannel, route: str) -> None:
+        if route not in self._declared:
             # Declaring before publishing means a task can never be routed to nowhere.
-            await self._topology.declare_queue(channel, queue)
-            self._declared.add(queue)
+            await self._topology.declare_route(channel, route)
+            self._declared.add(route)
 
     @staticmethod
-    def _publish_work(exchange: AbstractExchange, body: bytes, queue: str, priority: int,
+    def _publish_work(exchange: AbstractExchange, body: bytes, route: str, priority: int,
                       message_id: str) -> Awaitable[Any]:
         return exchange.publish(
             aio_pika.Message(body, delivery_mode=_PERSISTENT, priority=priority, content_type="application/json",
                              type=WORK_MESSAGE_TYPE, message_id=message_id),
-            routing_key=queue, mandatory=True,
+            routing_key=route, mandatory=True,
         )
 
     async def _state_at(self, event: TaskEvent) -> TaskState | None:

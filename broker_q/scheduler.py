@@ -15,6 +15,9 @@ a schedule's stream when the index says it changed or when a fire of it lost a r
 the next tick of any schedule, or ``poll_interval`` at most. A change made elsewhere (a pause, a
 new schedule) is seen within ``poll_interval``; a fire never waits for a poll.
 
+With ``payloads`` (the app's, as ``broker-q scheduler`` and ``broker-q run`` pass them), the
+arguments of each fired task are sealed before its ``submitted`` is appended, as any submit's are.
+
 Store calls run in a thread, as everywhere in broker_q; while the store is unreachable the
 scheduler retries with a capped backoff, and the ticks missed meanwhile follow each schedule's
 ``catchup``.
@@ -33,9 +36,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from broker_q.domain import schedule
-from broker_q.domain.events import ScheduleEvent, ScheduleFired, ScheduleIndexed
+from broker_q.domain.events import Event, ScheduleEvent, ScheduleFired, ScheduleIndexed, TaskSubmitted
 from broker_q.domain.schedule import DEFAULT_GRACE, INDEX_ID, ScheduleState
 from broker_q.errors import ConcurrencyConflict, DomainError, StoreUnavailable
+from broker_q.payloads import Payloads
 from broker_q.store.port import EventStore
 
 __all__ = ["Scheduler"]
@@ -59,7 +63,8 @@ class Scheduler:
     """Fires due ticks until stopped (:meth:`run`), or one pass at a time (:meth:`step`).
 
     ``clock`` gives the time ticks are compared with (inject one in tests); ``grace`` is how late a
-    tick may fire and still be on time (``catchup="skip"`` drops older ones).
+    tick may fire and still be on time (``catchup="skip"`` drops older ones). ``payloads`` seal the
+    arguments of the tasks it fires (when their sealing is on); without them tasks are fired plain.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class Scheduler:
         max_backoff: float = 5.0,
         max_attempts: int = 10,
         name: str | None = None,
+        payloads: Payloads | None = None,
     ) -> None:
         if poll_interval <= 0 or max_attempts < 1:
             raise ValueError("poll_interval must be above 0 and max_attempts at least 1")
@@ -81,6 +87,7 @@ class Scheduler:
         self._grace = grace
         self._max_backoff = max_backoff
         self._max_attempts = max_attempts
+        self._payloads = payloads
         self.actor = f"scheduler:{socket.gethostname()}:{os.getpid()}:{name or uuid.uuid4().hex[:6]}"
         self.wakeup = asyncio.Event()
         """Set it to make the scheduler look at the index at once (an in-process hint; polling is the guarantee)."""
@@ -163,7 +170,7 @@ class Scheduler:
     def _fire(self, due: dict[uuid.UUID, tuple[datetime, ...]], now: datetime) -> dict[uuid.UUID, tuple[datetime, ...]]:
         """Append the fires of every schedule in ``due``, each all-or-nothing; return those to decide again."""
         ids = list(due)
-        groups = [schedule.fire(self._states[sid], due[sid], actor=self.actor, now=now) for sid in ids]
+        groups = [self._sealed(schedule.fire(self._states[sid], due[sid], actor=self.actor, now=now)) for sid in ids]
         results = self._store.append_groups(groups)
         again: dict[uuid.UUID, tuple[datetime, ...]] = {}
         for sid, events, result in zip(ids, groups, results, strict=True):
@@ -184,6 +191,12 @@ class Scheduler:
                     e.fire_time.isoformat() for e in fires))
                 self._due(self._states[sid], now)  # remembers its next tick
         return again
+
+    def _sealed(self, events: Sequence[Event]) -> list[Event]:
+        payloads = self._payloads
+        if payloads is None or not payloads.sealing:
+            return list(events)
+        return [payloads.submitted(e) if isinstance(e, TaskSubmitted) else e for e in events]
 
     # -- reading ----------------------------------------------------------------------------------
 

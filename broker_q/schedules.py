@@ -262,7 +262,7 @@ def _run_scheduler(options: argparse.Namespace,
     from broker_q.scheduler import Scheduler
 
     with _app(options) as app:
-        return serve(options, lambda stop: [Scheduler(app.store).run(stop)])
+        return serve(options, lambda stop: [Scheduler(app.store, payloads=app.payloads).run(stop)])
 
 
 def _list(options: argparse.Namespace) -> int:

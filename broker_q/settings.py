@@ -45,7 +45,12 @@ class Settings(BaseSettings):
         description="Base64 of the 32-byte key that wraps the tenants' data keys. With neither this nor "
                     "master_key_file, an SQLite store makes <db>.master.key beside itself (back it up)")
     master_key_file: Path | None = Field(default=None, description="A file holding the master key as base64")
+    require_token: bool = Field(
+        default=False, description="The CLI refuses to run a command without a token (--token or BROKER_Q_TOKEN); "
+                                   "by default the local operator, who can open the store's files, is an admin")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds SIGTERM waits for running tasks")
+    api_public_metrics: bool = Field(
+        default=False, description="Serve the HTTP API's /metrics without a token (else it needs the read permission)")
 
     @field_validator("master_key")
     @classmethod

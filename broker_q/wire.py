@@ -105,6 +105,8 @@ class WorkMessage(BaseModel):
     time_limit: float | None = Field(default=None, description="This task's own hard time limit, in seconds.")
     soft_time_limit: float | None = Field(default=None, description="This task's own soft time limit, in seconds.")
     retry: RetryOverride | None = Field(default=None, description="This task's own changes to its retry policy.")
+    sealed_arguments: str | None = Field(
+        default=None, description="args and kwargs sealed under the tenant's key (args and kwargs are empty then).")
 
     @field_validator("retry", mode="plain")
     @classmethod

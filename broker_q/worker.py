@@ -21,6 +21,11 @@ Delivery guarantees (``docs/guarantees.md`` says the same to users):
 - A handler is called only with arguments that fit it, as validated against its type hints
   (``broker_q.arguments``). Ingress envelopes whose arguments do not fit are refused; a recorded
   task whose arguments do not fit (its client could not check them) is dead-lettered uncalled.
+- Sealed arguments are opened before anything of the app runs; arguments that cannot be opened
+  (altered, or under a key that is unknown or shredded) dead-letter the task at once, without a
+  retry and without calling the middleware or the handler. With encryption on (or arguments that
+  came sealed) the result is sealed before ``succeeded`` is appended, and an ingress envelope's
+  arguments are sealed before its ``submitted`` is: no plaintext payload reaches the store.
 - A cancellation reaches the workers as an event (each worker's presence queue is bound to the
   events exchange for ``*.task.cancelled``): a running async handler is cancelled at once; a
   running sync handler gets ``AttemptCancelled`` raised in its thread (and ``broker_q.cancelled()``
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -57,10 +63,18 @@ from broker_q.amqp.connection import connect
 from broker_q.amqp.topology import REASON_HEADER, Topology
 from broker_q.breakers import Breakers
 from broker_q.codec import check_json
-from broker_q.domain.events import IngressRejected, TaskCancelled, TaskEvent, TaskStarted, TaskSucceeded
+from broker_q.domain.events import (
+    IngressRejected,
+    TaskCancelled,
+    TaskEvent,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
 from broker_q.domain.retry import RetryPolicy
 from broker_q.domain.task import (
     TaskStatus,
+    client_task_id,
     dead_lettered_event,
     deferred_event,
     is_startable,
@@ -70,9 +84,17 @@ from broker_q.domain.task import (
     started_event,
     submit,
     succeeded_event,
-    task_id_for,
 )
-from broker_q.errors import ConcurrencyConflict, DomainError, SerializationError, StoreUnavailable, ValidationError
+from broker_q.errors import (
+    ConcurrencyConflict,
+    DecryptionError,
+    DomainError,
+    KeysShredded,
+    QuotaExceeded,
+    SerializationError,
+    StoreUnavailable,
+    ValidationError,
+)
 from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
@@ -83,6 +105,9 @@ if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition
 
 __all__ = ["Worker"]
+
+_TENANTS_REFRESH = 2.0
+"""Seconds between looks for tenants created since: a new tenant's tasks wait at most this long."""
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +148,8 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._pool = HandlerThreads(self.concurrency, spare=self.max_abandoned_threads, name="broker_q-handler")
         self._exhausted = asyncio.Event()
+        self._tenants_consumed: set[str] = set()
+        """Tenants whose own work queues this worker consumes."""
         """Set when more sync handler threads are abandoned than replaced: the worker stops."""
         self._writer: GroupCommitWriter | None = None
         self._breakers: Breakers | None = None
@@ -153,6 +180,12 @@ class Worker:
         for definition in self.app.tasks.values():
             definition.parameters.prepare()  # a type hint that cannot be resolved stops the worker here
         store = await asyncio.to_thread(lambda: self.app.store)
+        if self.app.settings.encryption:
+            # Now rather than at the first task: a fresh SQLite store makes its master key file here
+            # (and says where, to back it up), and a wrong master key stops the worker at once. A
+            # tenant whose keys were shredded has its tasks dead-lettered; the worker serves the others.
+            with contextlib.suppress(KeysShredded):
+                await asyncio.to_thread(store.keys.current, self.app.settings.tenant)
         self._writer = GroupCommitWriter(store)
         self._breakers = Breakers(store, self.app.breaker_policies)
         connection = self._connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
@@ -178,10 +211,17 @@ class Worker:
                     self._spawn(functools.partial(self._on_ingress, queue=queue)))))
             unrouted = await channel.declare_queue(self.topology.unrouted, durable=True)
             consumers.append((unrouted, await unrouted.consume(self._spawn(self._on_unrouted))))
+            await self._consume_tenants(channel, consumers)
             log.info("%s consuming %s (concurrency %d, prefetch %d, up to %d abandoned threads replaced)", self.id,
                      ",".join(self.queues), self.concurrency, self.prefetch, self.max_abandoned_threads)
             self.ready.set()
-            await _either(stop, self._exhausted)
+            follow = asyncio.ensure_future(self._follow_tenants(channel, consumers, stop))
+            try:
+                await _either(stop, self._exhausted)
+            finally:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
             await self._shutdown(consumers)
         finally:
             await self._writer.close()
@@ -191,6 +231,29 @@ class Worker:
             raise ThreadsExhausted(
                 f"{self.id} stopped: more than {self.max_abandoned_threads} sync handler threads ran on past their "
                 f"hard time limit or cancellation; a new process starts with fresh threads")
+
+    async def _consume_tenants(self, channel: AbstractChannel, consumers: list[tuple[AbstractQueue, str]]) -> None:
+        """Consume the work queues of every tenant created since the last look (``Topology.route``).
+
+        Each tenant's queue is a consumer of its own with its own prefetch window, so RabbitMQ hands
+        this worker the tasks of every tenant that has some, however long another tenant's backlog is.
+        """
+        created = await asyncio.to_thread(self.app.tenants.created)
+        for tenant in sorted(created - self._tenants_consumed):
+            for queue in self.queues:
+                work = await self.topology.declare_route(channel, self.topology.route(queue, tenant, created))
+                consumers.append((work, await work.consume(self._spawn(self._on_work))))
+            self._tenants_consumed.add(tenant)
+
+    async def _follow_tenants(self, channel: AbstractChannel, consumers: list[tuple[AbstractQueue, str]],
+                              stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(_TENANTS_REFRESH)
+            try:
+                await self._consume_tenants(channel, consumers)
+            except (StoreUnavailable, aiormq.exceptions.AMQPError, ConnectionError) as e:
+                log.warning("%s could not look for new tenants' queues (next try in %.0fs): %s", self.id,
+                            _TENANTS_REFRESH, e)
 
     async def _shutdown(self, consumers: list[tuple[AbstractQueue, str]]) -> None:
         """Stop taking messages, give running tasks ``shutdown_grace`` seconds, then let go of the rest.
@@ -296,6 +359,8 @@ class Worker:
                 return True
             finally:
                 del self._handlers[work.id]
+            if isinstance(outcome, TaskSucceeded):
+                outcome = await self._sealed(outcome, arguments_sealed=work.sealed_arguments is not None)
             try:
                 await self._writer.append([outcome])
             except ConcurrencyConflict:
@@ -400,6 +465,16 @@ class Worker:
                        started: TaskStarted) -> TaskEvent:
         """Run the middleware and the handler; return the attempt's outcome event (not yet appended)."""
         version = started.version + 1
+        if work.sealed_arguments is not None:
+            try:
+                work = await self._opened(work)
+            except DecryptionError as e:
+                # Every attempt would fail alike, and nothing may run on input that is not what was
+                # submitted: a dead letter at once, which a replay with new arguments can revive.
+                return dead_lettered_event(
+                    work.id, version, work.tenant, self.id, work.correlation_id, type(e).__name__,
+                    f"the handler was not called: the arguments of task {work.id} (tenant {work.tenant!r}, key "
+                    f"{e.key_id!r}) cannot be opened: {e}", None, _now())
         attempt = Attempt(task_id=work.id, task=work.task, queue=work.queue, tenant=work.tenant,
                           attempt=started.attempt, worker=self.id, args=work.args, kwargs=work.kwargs)
         outcome = await self._outcome(definition, work, version, attempt)
@@ -409,6 +484,25 @@ class Worker:
             except MiddlewareError as e:
                 outcome = self._failed(definition, work, version, e, traceback.format_exc())
         return outcome
+
+    async def _opened(self, work: WorkMessage) -> WorkMessage:
+        """``work`` with its sealed arguments opened (in a thread only when the key must be read)."""
+        assert work.sealed_arguments is not None
+        payloads = self.app.payloads
+        open_them = functools.partial(payloads.open_arguments, work.tenant, work.id, work.sealed_arguments)
+        if payloads.blocks(work.tenant, work.sealed_arguments):
+            args, kwargs = await asyncio.to_thread(open_them)
+        else:
+            args, kwargs = open_them()
+        return work.model_copy(update={"args": args, "kwargs": kwargs, "sealed_arguments": None})
+
+    async def _sealed(self, outcome: TaskSucceeded, *, arguments_sealed: bool) -> TaskSucceeded:
+        """``outcome`` with its result sealed when encryption is on or the arguments came sealed."""
+        payloads = self.app.payloads
+        seal_it = functools.partial(payloads.succeeded, outcome, arguments_sealed=arguments_sealed)
+        if (payloads.sealing or arguments_sealed) and payloads.blocks(outcome.tenant):
+            return await asyncio.to_thread(seal_it)
+        return seal_it()
 
     async def _outcome(self, definition: TaskDefinition[Any, Any] | None, work: WorkMessage, version: int,
                        attempt: Attempt) -> TaskEvent:
@@ -504,9 +598,15 @@ class Worker:
         assert self._writer is not None
         try:
             event = self._accept(message, queue)
-        except ValidationError as e:
+            if not self.app.tenants.unlimited(event.tenant):
+                await asyncio.to_thread(self.app._admit, [event])
+        except (ValidationError, QuotaExceeded) as e:
             await self._refuse(message, str(e), source=queue)
             return
+        except StoreUnavailable as e:  # the quotas could not be read: the message waits for the store
+            log.warning("not acknowledging ingress message: %s", e)
+            return
+        event = await self._sealed_submitted(event)
         try:
             await self._writer.append([event])
         except ConcurrencyConflict:
@@ -516,7 +616,7 @@ class Worker:
             return
         self._acks_of(message).done(message)
 
-    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskEvent:
+    def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskSubmitted:
         limit = self.app.settings.max_message_bytes
         if len(message.body) > limit:
             raise ValidationError(f"message of {len(message.body)} bytes is over the limit of {limit} bytes")
@@ -542,7 +642,7 @@ class Worker:
         priority = definition.priority if envelope.priority is None else envelope.priority
         try:
             return submit(
-                task_id=task_id_for(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
+                task_id=client_task_id(tenant, key), task=envelope.task, queue=queue, args=envelope.args,
                 kwargs=envelope.kwargs, priority=priority,
                 tenant=tenant, actor=f"amqp:{message.app_id or 'ingress'}", now=now,
                 correlation_id=envelope.correlation_id, idempotency_key=key,
@@ -551,6 +651,14 @@ class Worker:
             )
         except DomainError as e:
             raise ValidationError(str(e)) from e
+
+    async def _sealed_submitted(self, event: TaskSubmitted) -> TaskSubmitted:
+        """An envelope's task with its arguments sealed when encryption is on: AMQP clients send them
+        plain (``docs/wire-format.md``), and the plaintext must not reach the store."""
+        payloads = self.app.payloads
+        if payloads.sealing and payloads.blocks(event.tenant):
+            return await asyncio.to_thread(payloads.submitted, event)
+        return payloads.submitted(event)
 
     async def _on_unrouted(self, message: AbstractIncomingMessage) -> None:
         await self._refuse(message, f"no queue serves routing key {message.routing_key!r}",

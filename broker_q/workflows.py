@@ -29,7 +29,7 @@ from broker_q.app import TaskHandle, _as_uuid, _Limits, _override, _poll_delays,
 from broker_q.canvas import Canvas, compile_workflow
 from broker_q.domain import task as task_domain
 from broker_q.domain import workflow as domain
-from broker_q.domain.events import Event, TaskEvent, WorkflowEvent, event_id
+from broker_q.domain.events import Event, TaskEvent, TaskSubmitted, WorkflowEvent, event_id
 from broker_q.domain.task import TaskState, TaskStatus
 from broker_q.domain.workflow import WorkflowState, WorkflowStatus, WorkflowStep
 from broker_q.errors import (
@@ -86,11 +86,16 @@ class Workflows:
 
     def submit(self, workflow: Canvas, *, tenant: str | None = None) -> WorkflowHandle:
         events = self.events(workflow, tenant=tenant)
+        self._app._admit([e for e in events if isinstance(e, TaskSubmitted)])
         self._app.store.append(events)
         return WorkflowHandle(self._app, events[0].stream_id)
 
     async def submit_async(self, workflow: Canvas, *, tenant: str | None = None) -> WorkflowHandle:
-        events = self.events(workflow, tenant=tenant)
+        if self._app._sealing_reads_keys(tenant):
+            events = await asyncio.to_thread(self.events, workflow, tenant=tenant)
+        else:
+            events = self.events(workflow, tenant=tenant)
+        await asyncio.to_thread(self._app._admit, [e for e in events if isinstance(e, TaskSubmitted)])
         await asyncio.to_thread(self._app.store.append, events)
         return WorkflowHandle(self._app, events[0].stream_id)
 
@@ -247,7 +252,7 @@ class _Waiter:
             step = outputs[len(self._results)]
             task = handle.app.get_task(step.task_id)
             if task.status is TaskStatus.SUCCEEDED:
-                self._results.append(task.result)
+                self._results.append(handle.app.payloads.result(task))
                 continue
             if task.status in (TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED):
                 error = self._error(state, step, task)
@@ -327,17 +332,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _workflow(options: argparse.Namespace) -> int:
-    from broker_q.cli import _app, operator
+    from broker_q.cli import _app, actor_of, authorize_task
+    from broker_q.domain.access import Permission
 
     words: Sequence[str] = options.words
     cancelling = words[0] == "cancel"
     if len(words) != 1 + cancelling:
         raise ValidationError("usage: broker-q workflow ID | broker-q workflow cancel ID [--reason TEXT]")
     workflows = Workflows(_app(options))
+    status = workflows.status(words[-1])
+    authorize_task(options, Permission.CANCEL if cancelling else Permission.READ, status.tenant,
+                   f"workflow {'cancel ' if cancelling else ''}{words[-1]}")
     if cancelling:
-        status = workflows.cancel(words[1], reason=options.reason, actor=operator())
-    else:
-        status = workflows.status(words[0])
+        status = workflows.cancel(words[1], reason=options.reason, actor=actor_of(options))
     if options.format == "json":
         print(json.dumps(status_json(status), indent=2))
     else:

@@ -18,8 +18,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker_q.app import App
-from broker_q.domain.task import TaskState, TaskStatus
+from broker_q.domain.access import Permission
+from broker_q.domain.task import TaskStatus
 from broker_q.errors import ValidationError
+from broker_q.payloads import Payloads
 from broker_q.rendering import status_view
 from broker_q.store.port import EventStore, Recorded
 from projections.replay import EVENT_TYPES, Timeline, details, events, queue_counts_at, task_state_at, timeline
@@ -80,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one replay command on its own: ``python -m projections.cli [--store URL] COMMAND ...``."""
     parser = argparse.ArgumentParser(prog="python -m projections.cli", description="broker_q replay queries")
     parser.add_argument("--store", help="event store URL (default: $BROKER_Q_STORE or sqlite:///broker_q.sqlite)")
+    parser.add_argument("--token", help="an API token to act as (default: $BROKER_Q_TOKEN; none: the local operator)")
     add_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
-    from broker_q.cli import execute
+    from broker_q.cli import execute, name_commands
 
+    name_commands(parser)
     return execute(parser.parse_args(argv))
 
 
@@ -111,12 +115,17 @@ def _events(options: argparse.Namespace) -> int:
 
 
 def _replay(options: argparse.Namespace) -> int:
+    from broker_q.cli import authorize_task, payloads_for
+
     task = _task_id(options.id)
     assert task is not None
     with _store(options) as store:
         history = timeline(store, task)
+        authorize_task(options, Permission.READ, history.state.tenant, f"replay {task}")
+        payloads, withheld = payloads_for(options, history.state.tenant, _payloads(store))
+        view = status_view(history.state, payloads, withheld=withheld)  # opened here, while the store is open
     if options.json:
-        print(json.dumps(timeline_json(history), indent=2))
+        print(json.dumps(timeline_json(history, view), indent=2))
         return 0
     state = history.state
     print(f"task {state.task_id}  {state.task}  {state.tenant}/{state.queue}  {state.status.value} "
@@ -129,6 +138,7 @@ def _replay(options: argparse.Namespace) -> int:
         print(("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + "  "
                + _details_text(row.details)).rstrip())
     print()
+    print(_payload_text(view))
     waiting = "never started" if history.waiting is None else _duration(history.waiting)
     print(f"waiting before the first start: {waiting}")
     for attempt in history.attempts:
@@ -148,14 +158,23 @@ _OUTCOMES = {"started": "taken over by the next attempt"}
 def _state(options: argparse.Namespace) -> int:
     at = parse_time(options.at, "--at")
     task = _task_id(options.task)
-    if task is not None and (options.queue or options.tenant):
-        raise ValidationError("--queue and --tenant filter the counts: they do not apply with --task")
+    if task is not None and options.queue:
+        raise ValidationError("--queue filters the counts: it does not apply with --task")
     as_of = {"time": at.isoformat() if at else None, "position": options.position}
     moment = f"as of {_time(at)}" if at else f"as of position {options.position}"
     with _store(options) as store:
         if task is not None:
             state = task_state_at(store, task, at=at, position=options.position)
-            return _print_task_state(task, state, as_of, moment, options.json)
+            view = None
+            if state is not None:
+                if options.tenant is not None and state.tenant != options.tenant:
+                    raise ValidationError(f"task {task} is not of tenant {options.tenant!r}")
+                from broker_q.cli import authorize_task, payloads_for
+
+                authorize_task(options, Permission.READ, state.tenant, f"state of {task}")
+                payloads, withheld = payloads_for(options, state.tenant, _payloads(store))
+                view = status_view(state, payloads, withheld=withheld)
+            return _print_task_state(task, view, as_of, moment, options.json)
         counts = queue_counts_at(store, at=at, position=options.position, queue=options.queue,
                                  tenant=options.tenant)
     rows = [{"tenant": tenant, "queue": queue, **{s.value: n for s, n in per_status.items()},
@@ -177,11 +196,8 @@ def _state(options: argparse.Namespace) -> int:
     return 0
 
 
-def _print_task_state(task: uuid.UUID, state: TaskState | None, as_of: dict[str, Any], moment: str,
+def _print_task_state(task: uuid.UUID, view: dict[str, Any] | None, as_of: dict[str, Any], moment: str,
                       as_json: bool) -> int:
-    # Imported here because broker_q.cli imports this module to register its commands.
-
-    view = None if state is None else status_view(state)
     if as_json:
         print(json.dumps({"as_of": as_of, "task": view}, indent=2))
     elif view is None:
@@ -208,12 +224,13 @@ def event_json(recorded: Recorded) -> dict[str, Any]:
     }
 
 
-def timeline_json(history: Timeline) -> dict[str, Any]:
-    """A task's timeline as ``replay --json`` shows it (durations in seconds)."""
+def timeline_json(history: Timeline, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A task's timeline as ``replay --json`` shows it (durations in seconds); ``state`` is the task's
+    :func:`~broker_q.rendering.status_view` (its payloads opened or not), by default that of its sealed state."""
 
     return {
         "id": str(history.task_id),
-        "state": status_view(history.state),
+        "state": status_view(history.state) if state is None else state,
         "events": [
             {"version": row.version, "time": row.time.isoformat(), "type": row.type, "actor": row.actor,
              "details": row.details, "since_previous_seconds": row.since_previous.total_seconds(),
@@ -264,6 +281,21 @@ def _position(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be at least 0")
     return value
+
+
+def _payloads(store: EventStore) -> Payloads:
+    """What opens the sealed payloads that these commands show (with the keys of the store's master key)."""
+    return Payloads(lambda: store.keys, sealing=False)
+
+
+def _payload_text(view: dict[str, Any]) -> str:
+    """The task's arguments and result in one line each, or why they stay sealed."""
+    if view["sealed_arguments"] is not None or view["sealed_result"] is not None:
+        return f"arguments and result: sealed ({view['sealed_because'] or 'not opened'})"
+    lines = [f"arguments: args={json.dumps(view['args'])} kwargs={json.dumps(view['kwargs'])}"]
+    if view["state"] == TaskStatus.SUCCEEDED.value:
+        lines.append(f"result: {json.dumps(view['result'])}")
+    return "\n".join(lines)
 
 
 @contextmanager

@@ -247,19 +247,24 @@ def _dlq_list(options: argparse.Namespace) -> int:
 
 
 def _dlq_replay(options: argparse.Namespace) -> int:
-    from broker_q.cli import _json_arg, operator
+    from broker_q.cli import _json_arg, actor_of, authorize_task
+    from broker_q.domain.access import Permission
 
     app = _app(options)
     kwargs = None if options.kwargs is None else _json_arg(options.kwargs, dict, "--kwargs")
     if options.id is not None:
-        if options.task or options.since or options.tenant:
-            raise ValidationError("--task, --since and --tenant select among --all; an ID names one dead letter")
-        state = app.replay_dead_letter(options.id, reason=options.reason, actor=operator(), kwargs=kwargs)
+        if options.task or options.since:
+            raise ValidationError("--task and --since select among --all; an ID names one dead letter")
+        tenant = app.get_task(options.id).tenant
+        if options.tenant is not None and options.tenant != tenant:
+            raise ValidationError(f"dead letter {options.id} is not of tenant {options.tenant!r}")
+        authorize_task(options, Permission.REPLAY, tenant, f"dlq replay {options.id}")
+        state = app.replay_dead_letter(options.id, reason=options.reason, actor=actor_of(options), kwargs=kwargs)
         print(f"{state.task_id}  replayed at v{state.version}: ready for attempt {state.attempts + 1}")
         return 0
     selected = _dead_letters_now(app, task=options.task, since=parse_time(options.since, "--since"),
                                  tenant=options.tenant)
-    actor, replayed = operator(), 0
+    actor, replayed = actor_of(options), 0
     for item in selected:
         try:
             state = app.replay_dead_letter(item["id"], reason=options.reason, actor=actor, kwargs=kwargs,

@@ -19,22 +19,28 @@ from typing import Any, TypeVar
 
 from broker_q.errors import StoreError, ValidationError
 from broker_q.store.port import EventStore
-from projections.database import Cursor, ViewDatabases
+from projections.database import Cursor, ViewDatabases, open_view_databases
 from projections.runner import REGISTRY
-from projections.views import DEAD_STATES, table, task_key
+from projections.views import DEAD_STATES, WAITING_STATES, table, task_key
 
 __all__ = [
+    "OUTCOME_TYPES",
+    "Activity",
     "AuditQuery",
     "Page",
     "QueueSummary",
     "ViewStatus",
+    "WaitingTasks",
+    "activity",
     "audit",
     "dead_letters",
     "queues",
+    "recent",
     "status",
     "status_in",
     "task",
     "tasks",
+    "tasks_by_id",
 ]
 
 T = TypeVar("T")
@@ -117,6 +123,27 @@ def queues(databases: ViewDatabases, *, tenant: str | None = None, now: float | 
     summaries, oldest = _query(databases, "tasks", work)
     return [QueueSummary(t, q, counts, None if (t, q) not in oldest else max(0.0, now - oldest[(t, q)]))
             for (t, q), counts in summaries.items()]
+
+
+class WaitingTasks:
+    """How many tasks of a tenant wait (blocked, ready, or waiting for a retry or a breaker), from
+    the queue view: what a tenant's ``max_waiting`` quota is checked against."""
+
+    def __init__(self, store_url: str) -> None:
+        self._databases = open_view_databases(store_url, ["tasks"])
+
+    def __call__(self, tenant: str) -> int:
+        states = sorted(WAITING_STATES)
+
+        def work(cursor: Cursor, generation: int) -> int:
+            cursor.execute(f"SELECT COALESCE(SUM(count), 0) FROM {table('queue_counts', generation)} "
+                           f"WHERE tenant = ? AND state IN ({', '.join('?' * len(states))})", [tenant, *states])
+            return int(cursor.fetchone()[0])
+
+        return _query(self._databases, "tasks", work)
+
+    def close(self) -> None:
+        self._databases.close()
 
 
 def tasks(
@@ -314,3 +341,107 @@ def status_in(cursor: Cursor, store: EventStore, views: Sequence[str]) -> list[V
             None if building is None else {"generation": int(building), "position": int(building_position or 0)},
         ))
     return result
+
+
+# -- what happened lately (the dashboard's overview) ----------------------------------------------
+
+OUTCOME_TYPES = ("succeeded", "retry_scheduled", "dead_lettered")
+"""Event types that end an attempt: a success, or a failure (retried, or for good)."""
+_WORKER_TYPES = ("started", *OUTCOME_TYPES)
+"""Event types that a worker records as their actor."""
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Events per time slot, and the workers that recorded events, since a moment."""
+
+    slots: list[dict[str, Any]]
+    """Oldest first: ``start`` (epoch seconds) and the count of each of ``submitted`` and
+    :data:`OUTCOME_TYPES` in the ``seconds`` after it (zero for a slot that saw none)."""
+    workers: list[dict[str, Any]]
+    """Most recently seen first: ``worker`` (its id), ``last_seen`` (ISO 8601), ``events``."""
+
+
+def activity(databases: ViewDatabases, *, since: float, slot_seconds: int, slots: int,
+             tenant: str | None = None) -> Activity:
+    """Submissions and attempt outcomes per slot of ``slot_seconds`` from ``since`` (epoch seconds),
+    and the workers seen since then, counted in the audit view (indexed by type and time)."""
+    if not 1 <= slots <= 10_000 or slot_seconds < 1:
+        raise ValidationError("slots must be between 1 and 10000, of at least one second each")
+    until = since + slot_seconds * slots
+    types = ("submitted", *OUTCOME_TYPES)
+    scope, params = ("AND tenant = ?", [tenant]) if tenant else ("", [])
+
+    def work(cursor: Cursor, generation: int) -> tuple[list[Any], list[Any]]:
+        audit_table = table("audit", generation)
+        cursor.execute(f"SELECT type, CAST((time - ?) / ? AS INTEGER) AS slot, COUNT(*) FROM {audit_table} "
+                       f"WHERE type IN ({', '.join('?' * len(types))}) AND time >= ? AND time < ? {scope} "
+                       "GROUP BY type, slot", [since, slot_seconds, *types, since, until, *params])
+        counted = cursor.fetchall()
+        cursor.execute(f"SELECT actor, MAX(time), COUNT(*) FROM {audit_table} "
+                       f"WHERE type IN ({', '.join('?' * len(_WORKER_TYPES))}) AND time >= ? {scope} "
+                       "GROUP BY actor ORDER BY MAX(time) DESC LIMIT 100", [*_WORKER_TYPES, since, *params])
+        return counted, cursor.fetchall()
+
+    counted, seen = _query(databases, "audit", work)
+    table_of = [{"start": since + i * slot_seconds, **dict.fromkeys(types, 0)} for i in range(slots)]
+    for kind, slot, count in counted:
+        if 0 <= int(slot) < slots:
+            table_of[int(slot)][kind] += int(count)
+    return Activity(table_of, [{"worker": actor, "last_seen": _iso(last), "events": int(count)}
+                               for actor, last, count in seen])
+
+
+def recent(databases: ViewDatabases, *, type: str, tenant: str | None = None, limit: int = 50,
+           before: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """Audit records of one event type, newest first, and the cursor of the next (older) page
+    (``None`` on the last page); each record's ``cursor`` starts a page after it. Read by the index
+    on type (or tenant) and time."""
+    if not 1 <= limit <= 1000:
+        raise ValidationError("limit must be between 1 and 1000")
+    conditions: list[str] = ["type = ?"]
+    params: list[Any] = [type]
+    if tenant:
+        conditions.append("tenant = ?")
+        params.append(tenant)
+    if before:
+        mark, _, position = before.partition("/")
+        try:
+            at, last = float(mark), int(position)
+        except ValueError:
+            raise ValidationError(f"{before!r} is not a page cursor") from None
+        if not 0 <= last < 2**63:
+            raise ValidationError(f"{before!r} is not a page cursor")
+        conditions.append("(time < ? OR (time = ? AND position < ?))")
+        params += [at, at, last]
+
+    def work(cursor: Cursor, generation: int) -> list[Any]:
+        cursor.execute(f"SELECT position, time, tenant, actor, stream_id, task_id, type, summary "
+                       f"FROM {table('audit', generation)} WHERE {' AND '.join(conditions)} "
+                       "ORDER BY time DESC, position DESC LIMIT ?", [*params, limit + 1])
+        return cursor.fetchall()
+
+    rows = _query(databases, "audit", work)
+    records = [{"position": position, "time": _iso(at), "tenant": tenant_, "actor": actor,
+                "stream_id": str(uuid.UUID(stream_id)),
+                "task_id": None if task_id is None else str(uuid.UUID(task_id)), "type": kind, "summary": text,
+                "cursor": f"{at!r}/{position}"}
+               for position, at, tenant_, actor, stream_id, task_id, kind, text in rows[:limit]]
+    return records, records[-1]["cursor"] if len(rows) > limit else None
+
+
+def tasks_by_id(databases: ViewDatabases, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The task view's rows of these tasks (those it holds), by task id."""
+    keys = [_task_key(task_id) for task_id in task_ids]
+
+    def work(cursor: Cursor, generation: int) -> list[Any]:
+        found: list[Any] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table('tasks', generation)} "
+                           f"WHERE task_id IN ({', '.join('?' * len(chunk))})", chunk)
+            found += cursor.fetchall()
+        return found
+
+    rows = [_task_row(row) for row in _query(databases, "tasks", work)] if keys else []
+    return {row["id"]: row for row in rows}

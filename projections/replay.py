@@ -147,7 +147,7 @@ def _events(
         if not stream:
             return
         last_version = stream[-1].version
-    stop_after = None if until is None or skew is None else until + skew
+    stop_after = _stop_after(until, skew)
     yielded = 0
     for recorded in _scan(store, after=max((from_position or 0) - 1, 0), end=end, page_size=page_size):
         event = recorded.event
@@ -308,7 +308,7 @@ def queue_counts_at(
     _check_moment(at, position)
     _check_page_size(page_size)
     end = _end(store, position)
-    stop_after = None if at is None or skew is None else at + skew
+    stop_after = _stop_after(at, skew)
     states: dict[uuid.UUID, TaskState] = {}
     ignored: set[uuid.UUID] = set()  # another queue's tasks, or frozen at a version stamped after ``at``
     for recorded in _scan(store, after=0, end=end, page_size=page_size):
@@ -336,8 +336,10 @@ def queue_counts_at(
 def _slim(state: TaskState) -> TaskState:
     # The fold keeps one state per task: drop what it never reads (arguments, results, tracebacks
     # can be large) so that memory grows with the number of tasks, not with their payloads.
-    if state.args or state.kwargs or state.result is not None or state.traceback is not None or state.error:
-        return dataclasses.replace(state, args=[], kwargs={}, result=None, traceback=None, error=None)
+    if (state.args or state.kwargs or state.result is not None or state.traceback is not None or state.error
+            or state.sealed_arguments is not None or state.sealed_result is not None):
+        return dataclasses.replace(state, args=[], kwargs={}, result=None, traceback=None, error=None,
+                                   sealed_arguments=None, sealed_result=None)
     return state
 
 
@@ -351,6 +353,17 @@ def _scan(store: EventStore, *, after: int, end: int, page_size: int) -> Iterato
         if len(page) < page_size:
             return
         after = page[-1].position
+
+
+def _stop_after(moment: datetime | None, skew: timedelta | None) -> datetime | None:
+    """Where a scan as of ``moment`` stops (``None``: at the log's end); a moment within ``skew`` of
+    the last time a datetime holds has no stop before it."""
+    if moment is None or skew is None:
+        return None
+    try:
+        return moment + skew
+    except OverflowError:
+        return None
 
 
 def _end(store: EventStore, to_position: int | None) -> int:

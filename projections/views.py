@@ -22,11 +22,15 @@ from typing import Any, ClassVar, Protocol
 
 from broker_q.codec import dumps
 from broker_q.domain.events import (
+    AccessDenied,
     BreakerClosed,
     BreakerFailureRecorded,
     BreakerOpened,
     BreakerProbeStarted,
     IngressRejected,
+    KeyRotated,
+    KeysShredded,
+    QuotaExceeded,
     TaskCancelled,
     TaskDeadLettered,
     TaskDeferred,
@@ -37,13 +41,17 @@ from broker_q.domain.events import (
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    TenantCreated,
+    TenantQuotaSet,
+    TokenIssued,
+    TokenRevoked,
     WorkflowCancelled,
     WorkflowSubmitted,
 )
 from broker_q.store.port import Recorded
 from projections.database import Cursor
 
-__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "AuditView", "TasksView", "View", "table", "task_key"]
+__all__ = ["BUCKETS", "DEAD_STATES", "VIEWS", "WAITING_STATES", "AuditView", "TasksView", "View", "table", "task_key"]
 
 BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                               300.0, 1800.0)
@@ -51,7 +59,8 @@ BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 DEAD_STATES = ("dead_lettered",)
 """States of tasks that will not run again by themselves and are kept as dead letters."""
-_WAITING = frozenset({"ready", "blocked", "retry_scheduled", "deferred"})
+WAITING_STATES = frozenset({"ready", "blocked", "retry_scheduled", "deferred"})
+_WAITING = WAITING_STATES
 """States whose ``ready_at`` is when the task became ready, or is due: a start after it waited for it."""
 
 
@@ -141,7 +150,10 @@ class TasksView:
                     _observe(durations, "queue_wait", key, ts - row["ready_at"])
                 row.update(state="started", attempts=event.attempt, worker=event.worker, started_at=ts)
             elif isinstance(event, TaskSucceeded):
-                row.update(state="succeeded", finished_at=ts, result=dumps(event.result).decode())
+                # A sealed result is kept sealed (its text, as a JSON string): a view never holds plaintext
+                # of a sealed payload, and it is opened only on demand (broker_q.payloads.reveal).
+                kept = event.result if event.sealed_result is None else event.sealed_result
+                row.update(state="succeeded", finished_at=ts, result=dumps(kept).decode())
                 _observe(durations, "run", key, ts - (row["started_at"] or ts))
                 outcomes[(*key, row["task"], "succeeded")] += 1
             elif isinstance(event, (TaskRetryScheduled, TaskDeadLettered)):
@@ -310,11 +322,18 @@ def summary(event: Any) -> str:
             return f"deferred to {event.due_at.isoformat()}: {event.reason}"[:500]
         case TaskReplayed():
             changed = ", ".join(name for name in ("args", "kwargs") if getattr(event, name) is not None)
+            changed = "arguments (sealed)" if event.sealed_arguments is not None else changed
             return f"replayed{f' with new {changed}' if changed else ''}: {event.reason}"[:500]
         case TaskCancelled():
             return f"cancelled: {event.reason}"[:500]
         case TaskReleased():
-            return f"released: every parent succeeded{' (results passed in)' if event.args is not None else ''}"
+            passed = event.args is not None or event.sealed_arguments is not None
+            return f"released: every parent succeeded{' (results passed in)' if passed else ''}"
+        case KeyRotated():
+            return f"key {event.key_id} (generation {event.generation}) is now current"
+        case KeysShredded():
+            erased = ", ".join(event.key_ids) or "none left"
+            return f"keys shredded ({erased}): payloads of this tenant can no longer be opened"[:500]
         case BreakerFailureRecorded():
             return f"breaker {event.service}: failure of task {event.task_id} ({event.error_type})"
         case BreakerOpened():
@@ -331,6 +350,23 @@ def summary(event: Any) -> str:
             return f"workflow of {len(event.steps)} step(s) submitted"
         case WorkflowCancelled():
             return f"workflow cancelled: {event.reason}"[:500]
+        case TokenIssued():
+            expires = f", expires {event.expires_at.isoformat()}" if event.expires_at is not None else ""
+            return f"token {event.name!r} ({event.token_id}) issued: {', '.join(event.roles)}{expires}"[:500]
+        case TokenRevoked():
+            return f"token {event.token_id} revoked: {event.reason}"[:500]
+        case AccessDenied():
+            return f"denied {event.principal}: {event.action} (needs {event.permission})"[:500]
+        case TenantCreated():
+            return f"tenant created{f': {event.description}' if event.description else ''}"[:500]
+        case TenantQuotaSet():
+            quotas = [f"{name}={value:g}" for name, value in (
+                ("max_waiting", event.max_waiting), ("submit_rate", event.submit_rate),
+                ("submit_burst", event.submit_burst), ("max_payload_bytes", event.max_payload_bytes))
+                if value is not None]
+            return f"quotas set: {', '.join(quotas) or 'none'}"
+        case QuotaExceeded():
+            return f"refused {event.task}: {event.message}"[:500]
     return str(event.TYPE)
 
 

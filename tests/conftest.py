@@ -52,11 +52,20 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/store.sqlite"
 
 
+TEST_MASTER_KEY = "dGVzdHMgb25seTogYSBtYXN0ZXIga2V5IG9mIDMyIGI="
+"""Base64 of 32 bytes: the master key the tests give a PostgreSQL deployment (it has no default)."""
+
+
 @pytest.fixture
-def pg_url(pg_dsn: str) -> Iterator[str]:
-    """A PostgreSQL store in a schema of this test alone, dropped afterwards."""
+def pg_url(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A PostgreSQL store in a schema of this test alone, dropped afterwards.
+
+    Like a production deployment, the test gives the master key (``BROKER_Q_MASTER_KEY``, which the
+    processes it starts inherit): with encryption on, a PostgreSQL store has no key of its own.
+    """
     import psycopg
 
+    monkeypatch.setenv("BROKER_Q_MASTER_KEY", TEST_MASTER_KEY)
     schema = f"t_{uuid.uuid4().hex[:12]}"
     yield f"{pg_dsn}?schema={schema}"
     with psycopg.connect(pg_dsn, autocommit=True) as conn:

@@ -8,6 +8,10 @@ With namespace ``ns`` (default ``broker_q``)::
                                    envelopes for a queue nobody declared; a worker refuses them
     ns.work      direct exchange   the relay publishes tasks that became ready, routing key = queue
         └─> ns.work.<queue>        durable, x-max-priority 9, consumed by the workers of <queue>
+        └─> ns.work.<queue>:<tenant>   the same, for the tasks of a tenant that an admin created
+                                   (routing key <queue>:<tenant>): every worker of <queue> consumes
+                                   each of these too, so a tenant's backlog never stands in front
+                                   of another tenant's tasks
     ns.events    topic exchange    the relay publishes every event, routing key <tenant>.<stream>.<type>
     ns.invalid   durable queue     refused messages, with the reason in header x-broker-q-reason
     ns.worker.<worker id>          exclusive queue: exists while that worker is connected
@@ -54,8 +58,27 @@ class Topology:
     def invalid_queue(self) -> str:
         return f"{self.namespace}.invalid"
 
-    def work_queue(self, queue: str) -> str:
-        return f"{self.namespace}.work.{queue}"
+    def work_queue(self, route: str) -> str:
+        """The work queue of a route: a queue name, or ``<queue>:<tenant>`` (see :meth:`route`)."""
+        return f"{self.namespace}.work.{route}"
+
+    @staticmethod
+    def route(queue: str, tenant: str, separated: frozenset[str]) -> str:
+        """Where the ready tasks of ``tenant`` in ``queue`` go: a queue of their own if the tenant is
+        one of ``separated`` (those an admin created), else the queue shared by every other tenant.
+
+        Queue names never hold ``:``, so no queue's route can be mistaken for a tenant's.
+        """
+        return f"{queue}:{tenant}" if tenant in separated else queue
+
+    async def declare_route(self, channel: AbstractChannel, route: str) -> AbstractQueue:
+        """Declare and bind the work queue of ``route``; a plain queue's ingress queue as well."""
+        if ":" not in route:
+            return (await self.declare_queue(channel, route))[0]
+        arguments: dict[str, Any] = {"x-max-priority": MAX_PRIORITY}
+        work = await channel.declare_queue(self.work_queue(route), durable=True, arguments=arguments)
+        await work.bind(self.work_exchange, routing_key=route)
+        return work
 
     def ingress_queue(self, queue: str) -> str:
         return f"{self.namespace}.ingress.{queue}"

@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 __all__ = [
     "TOPICS",
+    "AccessDenied",
+    "AccessEvent",
     "BreakerClosed",
     "BreakerEvent",
     "BreakerFailureRecorded",
@@ -34,6 +36,10 @@ __all__ = [
     "BreakerProbeStarted",
     "Event",
     "IngressRejected",
+    "KeyRotated",
+    "KeysEvent",
+    "KeysShredded",
+    "QuotaExceeded",
     "ScheduleChanged",
     "ScheduleCreated",
     "ScheduleDefined",
@@ -53,10 +59,16 @@ __all__ = [
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
+    "TenantCreated",
+    "TenantEvent",
+    "TenantQuotaSet",
+    "TokenIssued",
+    "TokenRevoked",
     "WorkflowCancelled",
     "WorkflowEvent",
     "WorkflowSubmitted",
     "event_id",
+    "keys_stream_id",
 ]
 
 _EVENT_NS = uuid.UUID("6f1d5f3e-6a51-4d1e-9c77-0b7c1f3f2a10")
@@ -129,6 +141,10 @@ class TaskSubmitted(TaskEvent):
     """What the task receives from its parents when released, before its own ``args``: ``result``
     (the one parent's result) or ``results`` (the list of the parents' results, in ``depends_on``
     order); None for nothing."""
+    sealed_arguments: str | None = None
+    """``args`` and ``kwargs`` sealed together under the tenant's key (``docs/decisions/0008``): the
+    sealed JSON object ``{"args": [...], "kwargs": {...}}``. When it is set, ``args`` and ``kwargs``
+    are empty; None when the task was submitted with encryption off."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,6 +156,9 @@ class TaskReleased(TaskEvent):
     TYPE = "released"
 
     args: list[Any] | None = None
+    sealed_arguments: str | None = None
+    """Instead of ``args``, when the task's arguments or its parents' results are sealed: the
+    arguments it runs with, sealed for this task (``args`` is None then)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -161,6 +180,9 @@ class TaskSucceeded(TaskEvent):
     TYPE = "succeeded"
 
     result: Any = None
+    sealed_result: str | None = None
+    """The result sealed under the tenant's key (the sealed JSON object ``{"result": ...}``); ``result``
+    is None then."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -221,6 +243,9 @@ class TaskReplayed(TaskEvent):
     reason: str
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
+    sealed_arguments: str | None = None
+    """Instead of ``args`` and ``kwargs``, when the task's arguments are sealed: the whole arguments
+    it runs with from now on, sealed (``args`` and ``kwargs`` are None then)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -249,6 +274,44 @@ class IngressRejected(Event):
     message_id: str | None
     size: int
     sha256: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeysEvent(Event):
+    """An event of a tenant's keys stream (one per tenant, :func:`keys_stream_id`): what was done to
+    its payload keys, for the audit log. The keys themselves are never in an event."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyRotated(KeysEvent):
+    """``key_id`` became the tenant's current key; payloads sealed under older keys still open."""
+
+    TOPIC = "broker_q.keys.rotated"
+    TYPE = "key_rotated"
+
+    key_id: str
+    generation: int
+    previous_key_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeysShredded(KeysEvent):
+    """Every key of the tenant was erased: its sealed payloads can never be opened again, and none
+    are sealed anew. Its events stay, as an audit skeleton."""
+
+    TOPIC = "broker_q.keys.shredded"
+    TYPE = "keys_shredded"
+
+    key_ids: list[str]
+    reason: str = ""
+
+
+_KEYS_NS = uuid.UUID("3c0e8f52-7d1b-5a49-b6e2-41f9a0d7c813")
+
+
+def keys_stream_id(tenant: str) -> uuid.UUID:
+    """The id of ``tenant``'s keys stream."""
+    return uuid.uuid5(_KEYS_NS, tenant)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -435,12 +498,105 @@ class WorkflowCancelled(WorkflowEvent):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AccessEvent(Event):
+    """An event of the access stream, the one stream of every API token (``ACCESS_STREAM``).
+
+    ``tenant`` is the tenant the token is bound to, or ``*`` for a token of every tenant.
+    """
+
+    token_id: uuid.UUID
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenIssued(AccessEvent):
+    """A token was made for a principal. Only the SHA-256 of its secret is kept: the token itself
+    was shown once, to whoever made it."""
+
+    TOPIC = "broker_q.access.token_issued"
+    TYPE = "token_issued"
+
+    name: str
+    roles: list[str]
+    secret_sha256: str
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenRevoked(AccessEvent):
+    """The token no longer authenticates anyone."""
+
+    TOPIC = "broker_q.access.token_revoked"
+    TYPE = "token_revoked"
+
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AccessDenied(Event):
+    """A principal was refused an action. Its stream is the refusal's own (one event)."""
+
+    TOPIC = "broker_q.access.denied"
+    TYPE = "access_denied"
+
+    principal: str
+    token_id: uuid.UUID | None
+    permission: str
+    action: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantEvent(Event):
+    """An event of the tenants stream, the one stream of every tenant and its quotas (``TENANTS_STREAM``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantCreated(TenantEvent):
+    """An admin created the tenant ``tenant``."""
+
+    TOPIC = "broker_q.tenant.created"
+    TYPE = "tenant_created"
+
+    description: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantQuotaSet(TenantEvent):
+    """The tenant's quotas, all of them as they now are (``None``: no limit)."""
+
+    TOPIC = "broker_q.tenant.quota_set"
+    TYPE = "tenant_quota_set"
+
+    max_waiting: int | None = None
+    """Tasks of the tenant waiting (blocked, ready or scheduled for a retry) at most."""
+    submit_rate: float | None = None
+    """Submissions per second, on average (a token bucket)."""
+    submit_burst: int | None = None
+    """Submissions at once above the rate (the bucket's size); the rate rounded up when not given."""
+    max_payload_bytes: int | None = None
+    """Bytes of a task's arguments (args and kwargs as JSON) at most."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QuotaExceeded(Event):
+    """A submission was refused over a tenant's quota. Its stream is the refusal's own (one event)."""
+
+    TOPIC = "broker_q.tenant.quota_exceeded"
+    TYPE = "quota_exceeded"
+
+    quota: str
+    limit: float
+    task: str
+    message: str
+
+
 TOPICS: dict[str, type[Event]] = {
     cls.TOPIC: cls
     for cls in (TaskSubmitted, TaskStarted, TaskSucceeded, TaskRetryScheduled, TaskDeadLettered, TaskDeferred,
                 TaskReplayed, TaskCancelled, TaskReleased, IngressRejected, BreakerFailureRecorded, BreakerOpened,
                 BreakerProbeStarted, BreakerClosed,
                 ScheduleCreated, ScheduleChanged, SchedulePaused, ScheduleResumed, ScheduleRemoved, ScheduleFired,
-                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled)
+                ScheduleIndexed, WorkflowSubmitted, WorkflowCancelled, KeyRotated, KeysShredded,
+                TokenIssued, TokenRevoked, AccessDenied, TenantCreated, TenantQuotaSet, QuotaExceeded)
 }
 """Every stored topic and the class that reads it. A renamed topic stays here, mapped to its class."""

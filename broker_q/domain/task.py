@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -52,11 +52,13 @@ from broker_q.errors import DomainError
 __all__ = [
     "FINAL_STATES",
     "MAX_PRIORITY",
+    "RESERVED_KEY_PREFIXES",
     "STARTABLE_STATES",
     "WAITING_STATES",
     "TaskState",
     "TaskStatus",
     "cancel",
+    "client_task_id",
     "dead_letter",
     "dead_lettered_event",
     "defer",
@@ -91,6 +93,19 @@ def task_id_for(tenant: str, idempotency_key: str | None) -> uuid.UUID:
     if idempotency_key is None:
         return uuid.uuid4()
     return uuid.uuid5(_IDEMPOTENCY_NS, f"{len(tenant)}:{tenant}:{idempotency_key}")
+
+
+RESERVED_KEY_PREFIXES = ("schedule:",)
+"""Idempotency keys that broker_q derives itself (a schedule's fire): a client that took one could
+make a tick's task in the scheduler's place, or keep the tick from firing."""
+
+
+def client_task_id(tenant: str, idempotency_key: str | None) -> uuid.UUID:
+    """:func:`task_id_for` a key a client gave: keys that broker_q reserves are refused."""
+    if idempotency_key is not None and idempotency_key.startswith(RESERVED_KEY_PREFIXES):
+        reserved = " or ".join(repr(prefix) for prefix in RESERVED_KEY_PREFIXES)
+        raise DomainError(f"idempotency key {idempotency_key!r}: keys that begin with {reserved} are broker_q's own")
+    return task_id_for(tenant, idempotency_key)
 
 
 class TaskStatus(StrEnum):
@@ -156,6 +171,10 @@ class TaskState:
     waiting_on: tuple[uuid.UUID, ...] = ()
     """Parents not yet known to have succeeded (all of ``depends_on`` until released)."""
     receives: str | None = None
+    sealed_arguments: str | None = None
+    """The arguments, sealed (``args`` and ``kwargs`` are empty then): see :class:`TaskSubmitted`."""
+    sealed_result: str | None = None
+    """The result, sealed (``result`` is None then): see :class:`TaskSucceeded`."""
 
     @property
     def is_final(self) -> bool:
@@ -188,6 +207,7 @@ def submit(
     due_at: datetime | None = None,
     depends_on: Iterable[uuid.UUID] = (),
     receives: str | None = None,
+    seal: Callable[[list[Any], dict[str, Any]], str] | None = None,
 ) -> TaskSubmitted:
     """Decide the first event of a new task.
 
@@ -198,6 +218,10 @@ def submit(
     ``due_at``: not before then (an aware time). ``depends_on``: parents that must all succeed
     first; the caller checks that they exist (a task can only wait for tasks older than itself, so
     no cycle can form). ``receives``: ``result`` or ``results`` to get the parents' results first.
+
+    ``seal``: when given, the arguments are recorded only as what it makes of them
+    (``sealed_arguments``), and it is called after every check passed, so nothing is sealed for a
+    task that is refused. How they are sealed is not the domain's business.
     """
     if not _NAME.fullmatch(task):
         raise DomainError(f"task name {task!r} is not a name (letters, digits, '_', '.', ':', '-'; at most 200)")
@@ -225,6 +249,9 @@ def submit(
         raise DomainError(f"receives='result' needs exactly one parent, got {len(parents)}")
     if receives is not None and not parents:
         raise DomainError("a task with no parents receives no results")
+    sealed_arguments = None
+    if seal is not None:
+        sealed_arguments, args, kwargs = seal(args, kwargs), [], {}
     return TaskSubmitted(
         stream_id=task_id,
         version=1,
@@ -246,6 +273,7 @@ def submit(
         due_at=due_at,
         depends_on=parents,
         receives=receives,
+        sealed_arguments=sealed_arguments,
     )
 
 
@@ -411,16 +439,32 @@ def replay_dead_letter(
     now: datetime,
     args: list[Any] | None = None,
     kwargs: dict[str, Any] | None = None,
+    sealed_arguments: str | None = None,
 ) -> TaskReplayed:
-    """Send a dead letter to run again; ``args``/``kwargs``, when given, replace the task's own."""
+    """Send a dead letter to run again; ``args``/``kwargs``, when given, replace the task's own.
+
+    ``sealed_arguments`` replaces them all, sealed; a task whose arguments are sealed can only be
+    given new ones that way (its old ones cannot be merged with plain new ones here).
+    """
     if state.status is not TaskStatus.DEAD_LETTERED:
         raise DomainError(f"task {state.task_id} is {state.status}: only a dead letter can be replayed")
     if not reason.strip():
         raise DomainError("a replay needs a reason (it is kept in the task's history)")
+    _check_sealed_replay(state, args, kwargs, sealed_arguments)
     return TaskReplayed(
         stream_id=state.task_id, version=state.version + 1, timestamp=now, tenant=state.tenant, actor=actor,
         correlation_id=state.correlation_id, reason=reason, args=args, kwargs=kwargs,
+        sealed_arguments=sealed_arguments,
     )
+
+
+def _check_sealed_replay(state: TaskState, args: list[Any] | None, kwargs: dict[str, Any] | None,
+                         sealed_arguments: str | None) -> None:
+    plain = args is not None or kwargs is not None
+    if sealed_arguments is not None and plain:
+        raise DomainError("a replay gives new arguments either sealed or plain, not both")
+    if plain and state.sealed_arguments is not None:
+        raise DomainError(f"task {state.task_id} has sealed arguments: new ones must be sealed too")
 
 
 def cancel(state: TaskState, *, reason: str, actor: str, now: datetime) -> TaskCancelled:
@@ -479,6 +523,7 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             depends_on=tuple(event.depends_on),
             waiting_on=tuple(event.depends_on),
             receives=event.receives,
+            sealed_arguments=event.sealed_arguments,
         )
     if event.stream_id != state.task_id or event.version != state.version + 1:
         raise DomainError(
@@ -496,7 +541,7 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
         case TaskSucceeded():
             _require_started(state, "succeed")
             return replace(state, version=event.version, status=TaskStatus.SUCCEEDED, result=event.result,
-                           finished_at=event.timestamp)
+                           sealed_result=event.sealed_result, finished_at=event.timestamp)
         case TaskRetryScheduled():
             _require_started(state, "be retried")
             return replace(state, version=event.version, status=TaskStatus.RETRY_SCHEDULED, due_at=event.due_at,
@@ -515,9 +560,13 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             # release too. An eta not after the submission never holds the task, whatever the
             # clock of the coordinator that stamps the release says.
             due = state.due_at is not None and state.due_at > max(event.timestamp, state.submitted_at)
-            return replace(state, version=event.version, status=TaskStatus.BLOCKED if due else TaskStatus.READY,
-                           waiting_on=(), args=state.args if event.args is None else event.args,
-                           ready_at=state.due_at if due else event.timestamp)
+            released = replace(state, version=event.version, status=TaskStatus.BLOCKED if due else TaskStatus.READY,
+                               waiting_on=(), ready_at=state.due_at if due else event.timestamp)
+            if event.sealed_arguments is not None:
+                return replace(released, args=[], kwargs={}, sealed_arguments=event.sealed_arguments)
+            if event.args is not None and state.sealed_arguments is not None:
+                raise DomainError(f"task {state.task_id} has sealed arguments: a release cannot give it plain ones")
+            return released if event.args is None else replace(released, args=event.args)
         case TaskDeferred():
             if not _deferrable(state):
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot be deferred")
@@ -526,10 +575,14 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
         case TaskReplayed():
             if state.status is not TaskStatus.DEAD_LETTERED:
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot be replayed")
-            return replace(state, version=event.version, status=TaskStatus.READY, first_attempt=state.attempts + 1,
-                           ready_at=event.timestamp, finished_at=None, replays=state.replays + 1,
-                           args=state.args if event.args is None else event.args,
-                           kwargs=state.kwargs if event.kwargs is None else event.kwargs)
+            _check_sealed_replay(state, event.args, event.kwargs, event.sealed_arguments)
+            replayed = replace(state, version=event.version, status=TaskStatus.READY, first_attempt=state.attempts + 1,
+                               ready_at=event.timestamp, finished_at=None, replays=state.replays + 1,
+                               args=state.args if event.args is None else event.args,
+                               kwargs=state.kwargs if event.kwargs is None else event.kwargs)
+            if event.sealed_arguments is not None:
+                return replace(replayed, args=[], kwargs={}, sealed_arguments=event.sealed_arguments)
+            return replayed
         case TaskCancelled():
             if state.is_final:
                 raise DomainError(f"task {state.task_id} is {state.status}: it cannot be cancelled")

@@ -40,6 +40,11 @@ class Dependencies(Protocol):
         """For each child, how many of its edges are not done (children with none are left out)."""
         ...
 
+    def with_edges(self, children: Sequence[str]) -> set[str]:
+        """The children among these that have any edge stored, done or not: the dependants the
+        coordinator has registered and not yet released or cancelled."""
+        ...
+
     def remove_children(self, children: Sequence[str]) -> None: ...
 
     def any(self) -> bool: ...
@@ -77,6 +82,11 @@ class MemoryDependencies:
                 if child in wanted and not done:
                     counts[child] = counts.get(child, 0) + 1
         return counts
+
+    def with_edges(self, children: Sequence[str]) -> set[str]:
+        wanted = set(children)
+        with self._lock:
+            return {child for _, child in self._edges if child in wanted}
 
     def remove_children(self, children: Sequence[str]) -> None:
         wanted = set(children)
@@ -134,6 +144,15 @@ class SQLDependencies(OwnTable):
                                          f"({', '.join('?' * len(chunk))}) GROUP BY child"), chunk)
                 counts.update(row_values(row) for row in cursor.fetchall())
         return counts
+
+    def with_edges(self, children: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self._cursor(commit=False) as cursor:
+            for chunk in _chunks(children):
+                cursor.execute(self._sql(f"SELECT DISTINCT child FROM {self._table} WHERE child IN "
+                                         f"({', '.join('?' * len(chunk))})"), chunk)
+                found.update(row_values(row)[0] for row in cursor.fetchall())
+        return found
 
     def remove_children(self, children: Sequence[str]) -> None:
         if not children:

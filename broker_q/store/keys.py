@@ -68,6 +68,10 @@ class KeyTable(Protocol):
 
     def find(self, tenant: str, key_id: str) -> WrappedKey | None: ...
 
+    def rows(self, tenant: str) -> list[WrappedKey]:
+        """Every row of ``tenant``, by generation (the shredding marker, generation 0, first)."""
+        ...
+
     def shred(self, tenant: str, now: float) -> None:
         """Erase the wrapped bytes of every key of ``tenant`` and leave it marked as shredded."""
         ...
@@ -92,6 +96,10 @@ class MemoryKeyTable:
     def find(self, tenant: str, key_id: str) -> WrappedKey | None:
         with self._lock:
             return next((r for (t, _), r in self._rows.items() if t == tenant and r.key_id == key_id), None)
+
+    def rows(self, tenant: str) -> list[WrappedKey]:
+        with self._lock:
+            return sorted((r for (t, _), r in self._rows.items() if t == tenant), key=lambda row: row.generation)
 
     def shred(self, tenant: str, now: float) -> None:
         with self._lock:
@@ -136,14 +144,18 @@ class SQLKeyTable(OwnTable):
     def find(self, tenant: str, key_id: str) -> WrappedKey | None:
         return self._one("WHERE tenant = ? AND key_id = ?", (tenant, key_id))
 
+    def rows(self, tenant: str) -> list[WrappedKey]:
+        with self._cursor(commit=False) as cursor:
+            cursor.execute(self._sql(f"SELECT {self._COLUMNS} FROM {self._table} WHERE tenant = ? "
+                                     "ORDER BY generation"), (tenant,))
+            found = cursor.fetchall()
+        return [_row(values) for values in found]
+
     def _one(self, where: str, params: tuple[Any, ...]) -> WrappedKey | None:
         with self._cursor(commit=False) as cursor:
             cursor.execute(self._sql(f"SELECT {self._COLUMNS} FROM {self._table} {where}"), params)
             row = cursor.fetchone()
-        if row is None:
-            return None
-        tenant, generation, key_id, wrapped, created_at, shredded = row_values(row)
-        return WrappedKey(tenant, int(generation), key_id, wrapped, float(created_at), bool(shredded))
+        return None if row is None else _row(row)
 
     def shred(self, tenant: str, now: float) -> None:
         with self._cursor(commit=True) as cursor:
@@ -170,6 +182,11 @@ class SQLKeyTable(OwnTable):
             raise sqlite3.OperationalError(
                 "the keys were shredded, but a reader kept the write-ahead log from being emptied: "
                 "shred again when the store is idle to erase them from the log")
+
+
+def _row(row: Any) -> WrappedKey:
+    tenant, generation, key_id, wrapped, created_at, shredded = row_values(row)
+    return WrappedKey(tenant, int(generation), key_id, wrapped, float(created_at), bool(shredded))
 
 
 class Keyring:
@@ -229,13 +246,30 @@ class Keyring:
             raise UnknownKey(f"tenant {tenant!r} has no key {key_id!r}", key_id)
         return self._unwrap(row).key
 
-    def shred(self, tenant: str) -> None:
-        """Erase every key of ``tenant``: its payloads can never be opened again, and none are sealed anew."""
+    def shred(self, tenant: str) -> list[str]:
+        """Erase every key of ``tenant``: its payloads can never be opened again, and none are sealed anew.
+
+        Returns the ids of the keys erased now (none when they were shredded already).
+        """
+        erased = [row.key_id for row in self._table.rows(tenant) if not row.shredded]
         self._table.shred(tenant, self._clock())
         with self._lock:
             self._current.pop(tenant, None)
             for cached in [k for k in self._keys if k[0] == tenant]:
                 del self._keys[cached]
+        return erased
+
+    def keys_of(self, tenant: str) -> list[WrappedKey]:
+        """Every key of ``tenant``, oldest first, as stored (wrapped, or erased); the last one is current."""
+        return [row for row in self._table.rows(tenant) if row.generation > 0]
+
+    def is_cached(self, tenant: str, key_id: str | None = None) -> bool:
+        """Whether sealing for ``tenant`` (or, given ``key_id``, opening under that key) needs no read of
+        the key table now: a caller on an event loop can do it in place rather than in a thread."""
+        now = self._clock()
+        with self._lock:
+            cached = self._current.get(tenant) if key_id is None else self._keys.get((tenant, key_id))
+        return cached is not None and cached[0] > now
 
     def seal(self, tenant: str, task_id: str, plaintext: bytes) -> str:
         """``plaintext`` sealed under ``tenant``'s current key, bound to the task."""

@@ -30,6 +30,7 @@ class Timer:
     due: float
     """When to publish, in seconds since the epoch."""
     queue: str
+    """The route to publish to: the task's queue, or ``<queue>:<tenant>`` (``Topology.route``)."""
     priority: int
     body: bytes
     """The work message (``broker_q.wire.WorkMessage`` JSON)."""

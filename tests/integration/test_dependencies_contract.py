@@ -70,6 +70,16 @@ def test_open_parents_counts_the_edges_not_done_and_leaves_out_children_with_non
     assert edges.children([P1, P2, P3]) == sorted([(P1, C1), (P2, C1), (P3, C1), (P1, C2), (P2, C3)])
 
 
+def test_with_edges_names_the_children_with_any_edge_done_or_not(edges: Dependencies) -> None:
+    edges.add([(P1, C1, False), (P2, C1, True), (P1, C2, True)])
+    assert edges.with_edges([C1, C2, C3, P1]) == {C1, C2}
+    assert edges.with_edges([]) == set()
+    edges.mark_done([P1])
+    assert edges.with_edges([C1, C2]) == {C1, C2}
+    edges.remove_children([C1])
+    assert edges.with_edges([C1, C2]) == {C2}
+
+
 def test_adding_an_edge_again_never_undoes_it(edges: Dependencies) -> None:
     edges.add([(P1, C1, True), (P2, C1, False)])
     edges.add([(P1, C1, False), (P2, C1, False)])  # a page read again: P1 looked unfinished then
@@ -102,6 +112,7 @@ def test_more_parents_and_children_than_one_query_takes(edges: Dependencies) -> 
               + [(parents[0], c, False) for c in children[:700]])
     assert len(edges.children(parents)) == 1234 + 700 - 1  # (parents[0], children[0]) is one edge
     assert len(edges.children(parents[:1])) == 700
+    assert edges.with_edges(children + parents) == set(children)
     # Child i waits for parent i unless that edge is done, and for parents[0] too if 0 < i < 700
     # (for child 0 it is the same edge, added done and then not done in one call: done).
     expected = {c: n for i, c in enumerate(children) if (n := (i % 3 != 0) + (0 < i < 700))}
@@ -137,6 +148,9 @@ class Reference:
                 counts[child] = counts.get(child, 0) + 1
         return counts
 
+    def with_edges(self, children: list[str]) -> set[str]:
+        return {child for _, child in self.edges if child in children}
+
     def remove_children(self, children: list[str]) -> None:
         self.edges = {edge: done for edge, done in self.edges.items() if edge[1] not in children}
 
@@ -154,7 +168,8 @@ def test_random_operations_answer_as_the_reference(edges: Dependencies, seed: in
         return rng.sample(names, rng.randint(0, 4))
 
     for step in range(150):
-        operation = rng.choice(["add", "add", "mark_done", "remove_children", "children", "open_parents", "any"])
+        operation = rng.choice(["add", "add", "mark_done", "remove_children", "children", "open_parents",
+                                "with_edges", "any"])
         if operation == "add":
             batch = [(rng.choice(names), rng.choice(names), rng.random() < 0.3) for _ in range(rng.randint(0, 5))]
             edges.add(batch)

@@ -12,6 +12,7 @@ An exception leaking from a middleware hook is covered in test_resilience.py (it
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,11 @@ async def test_workers_killed_mid_task_lose_nothing_and_record_one_success_per_t
     relay = await group.relay()
     survivor = await group.worker()
     submitting = asyncio.create_task(submit_paced(app, slow_calls("kill", 2000, log), 15.0, keys))
-    kills = await kill_workers(group, tally, submitting.done, kills=5)
+    ends = [float("inf")]
+    submitting.add_done_callback(lambda _: ends.__setitem__(0, time.monotonic() + 10.0))
+    # Kills go on a while after the last submission, while its tasks still run: on a loaded machine
+    # a new worker takes seconds to start, and the submission window alone may hold too few rounds.
+    kills = await kill_workers(group, tally, lambda: submitting.done() and time.monotonic() > ends[0], kills=5)
     await submitting
     result = report(tally, keys, log, await drain(tally, keys, timeout=60))
     result.faults = kills

@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from broker_q import App, TaskCancelled
 from broker_q.domain.events import Event, IngressRejected, TaskStarted, TaskSubmitted
+from broker_q.domain.task import task_id_for
 from tests.helpers import running, wait_for
 
 QUEUE = "default"
@@ -130,7 +131,10 @@ async def test_the_minimum_envelope_is_recorded_and_run(app: App, channel: Abstr
         message_id = await publish(channel, namespace, {"task": "add", "args": [1, 2], "kwargs": {}})
         event = await submitted(app, message_id)
         assert await app.handle(event.stream_id).result(timeout=10) == 3
-    assert (event.task, event.queue, event.args, event.kwargs) == ("add", QUEUE, [1, 2], {})
+    # Sent plain, as the wire format says; sealed by the worker before it was recorded.
+    assert (event.task, event.queue, event.args, event.kwargs) == ("add", QUEUE, [], {})
+    assert event.sealed_arguments is not None
+    assert app.payloads.open_arguments(event.tenant, event.stream_id, event.sealed_arguments) == ([1, 2], {})
     assert event.actor == "amqp:foreign-test"
     assert [e.TYPE for e in app.history(event.stream_id)] == ["submitted", "started", "succeeded"]
 
@@ -169,6 +173,8 @@ REFUSED: dict[str, tuple[bytes, str | None, tuple[str, ...]]] = {
                                  "application/json", ("retry.retry_on", "pattern")),
     "retry-both-ways": (b'{"task": "add", "args": [1, 2], "retry": {"backoff": 1, "colour": "red"}}',
                         "application/json", ("retry.colour", "not permitted")),
+    "a-schedules-idempotency-key": (b'{"task": "add", "args": [1, 2], "idempotency_key": "schedule:x:2030"}',
+                                    "application/json", ("idempotency key", "'schedule:'", "broker_q's own")),
     "over-the-limit": (json.dumps({"task": "add", "args": ["x" * MAX_MESSAGE_BYTES, 1]}).encode(),
                        "application/json", ("over the limit", str(MAX_MESSAGE_BYTES))),
 }
@@ -311,8 +317,12 @@ async def test_a_foreign_consumer_follows_a_task_on_the_events_exchange(
         (str(event.stream_id), version) for version in (1, 2, 3)]
     assert [item["topic"] for _, item in received] == ["broker_q.task.submitted", "broker_q.task.started",
                                                        "broker_q.task.succeeded"]
-    assert received[0][1]["data"]["args"] == [1, 2]
-    assert received[2][1]["data"]["result"] == 3
+    # The payloads travel sealed, as they are stored: metadata readable, arguments and result not.
+    submitted_data, succeeded_data = received[0][1]["data"], received[2][1]["data"]
+    assert (submitted_data["task"], submitted_data["args"], submitted_data["kwargs"]) == ("add", [], {})
+    assert app.payloads.open_arguments("default", event.stream_id, submitted_data["sealed_arguments"]) == ([1, 2], {})
+    assert succeeded_data["result"] is None
+    assert app.payloads.open_result("default", event.stream_id, succeeded_data["sealed_result"]) == 3
 
 
 async def test_an_envelope_with_a_countdown_and_a_parent_waits_for_both(
@@ -333,6 +343,26 @@ async def test_an_envelope_with_a_countdown_and_a_parent_waits_for_both(
             "task": "add", "args": [1, 1], "depends_on": [str(uuid.uuid4())]}))
         with pytest.raises(TaskCancelled, match="does not exist"):
             await app.handle(orphan.stream_id).result(timeout=10)
+
+
+async def test_envelopes_that_wait_for_each_other_are_cancelled_not_blocked_forever(
+    app: App, channel: AbstractChannel, namespace: str
+) -> None:
+    """Ids come from idempotency keys, so a client can name a task before it exists: two tasks that
+    wait for each other. The first recorded names a parent that the coordinator finds missing or
+    recorded after it (depending on when it reads the first), so both are cancelled."""
+    tenant = app.settings.tenant
+    first_id, second_id = task_id_for(tenant, "ring-1"), task_id_for(tenant, "ring-2")
+    async with running(app):
+        for key, parent in (("ring-1", second_id), ("ring-2", first_id)):
+            await publish(channel, namespace, {"task": "add", "args": [1, 1], "idempotency_key": key,
+                                               "depends_on": [str(parent)]})
+        for task_id in (first_id, second_id):
+            with pytest.raises(TaskCancelled, match="upstream_failed"):
+                await app.handle(task_id).result(timeout=10)
+    assert app.get_task(first_id).cancel_reason in (f"upstream_failed: parent {second_id} was recorded after this task",
+                                                     f"upstream_failed: parent {second_id} does not exist")
+    assert app.get_task(second_id).cancel_reason == f"upstream_failed: parent {first_id} was cancelled"
 
 
 async def test_an_envelopes_retry_options_are_recorded_with_its_task(

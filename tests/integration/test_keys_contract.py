@@ -99,6 +99,39 @@ def test_shredding_makes_every_payload_of_the_tenant_unreadable(keys: Keyring) -
     keys.shred("acme")  # twice is fine
 
 
+def test_the_keys_of_a_tenant_are_listed_oldest_first_and_the_shredding_names_those_it_erased(
+        keys: Keyring) -> None:
+    assert keys.keys_of("acme") == []
+    first = keys.current("acme")
+    second = keys.rotate("acme")
+    keys.current("other")
+    listed = keys.keys_of("acme")
+    assert [(row.generation, row.key_id, row.shredded) for row in listed] == [
+        (1, first.key_id, False), (2, second.key_id, False)]
+    assert all(row.wrapped is not None and first.key not in row.wrapped for row in listed)
+    assert listed[0].created_at <= listed[1].created_at
+    assert keys.shred("acme") == [first.key_id, second.key_id]
+    assert [(row.key_id, row.wrapped, row.shredded) for row in keys.keys_of("acme")] == [
+        (first.key_id, None, True), (second.key_id, None, True)]
+    assert keys.shred("acme") == []  # erased already
+    assert [row.generation for row in keys.keys_of("other")] == [1]
+
+
+def test_a_keyring_says_when_sealing_or_opening_needs_no_read_of_the_table(store: RecorderEventStore) -> None:
+    now = [1000.0]
+    keys = Keyring(store.keys._table, lambda: MASTER, clock=lambda: now[0], cache_seconds=60)
+    assert not keys.is_cached("acme")
+    sealed = keys.seal("acme", TASK, SECRET)
+    key_id = sealed.split(":")[1]
+    assert keys.is_cached("acme")
+    assert keys.is_cached("acme", key_id)
+    assert not keys.is_cached("acme", "k9.00000000")
+    assert not keys.is_cached("other")
+    now[0] += 61
+    assert not keys.is_cached("acme")
+    assert not keys.is_cached("acme", key_id)
+
+
 def test_shredding_a_tenant_that_never_had_keys_keeps_it_from_getting_any(keys: Keyring) -> None:
     keys.shred("ghost")
     with pytest.raises(KeysShredded):

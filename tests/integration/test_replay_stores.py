@@ -23,6 +23,7 @@ from broker_q.errors import ConcurrencyConflict
 from broker_q.store import EventStore, open_store
 from projections import cli
 from projections.replay import events, queue_counts_at, task_state_at, timeline
+from tests.conftest import TEST_MASTER_KEY
 from tests.unit.test_replay import T0, Story, prefix_until, record, reference_counts
 
 
@@ -100,7 +101,7 @@ def test_a_timeline_read_back_from_a_real_store(store: EventStore) -> None:
     assert [r.type for r in history.rows] == ["submitted", "started", "started", "succeeded"]
     assert [(x.worker, x.outcome) for x in history.attempts] == [("worker:1", "started"), ("worker:3", "succeeded")]
     assert history.attempts[0].run_time == timedelta(seconds=23)
-    assert history.rows[-1].details == {"result": {"sum": 3}}
+    assert history.rows[-1].details == {"result": {"sum": 3}, "sealed_result": None}  # the story is plain
     assert history.total == history.rows[-1].since_submit == timedelta(seconds=27)
 
 
@@ -162,7 +163,7 @@ def test_events_text_is_one_line_per_event(recorded: tuple[str, Story, list[int]
         (["events", "--type", "strated"], "unknown event type strated"),
         (["events", "--task", "nope"], "'nope' is not a task id"),
         (["replay", str(uuid.UUID(int=99))], f"no task with id {uuid.UUID(int=99)}"),
-        (["state", "--position", "3", "--task", str(uuid.UUID(int=1)), "--queue", "mail"], "do not apply"),
+        (["state", "--position", "3", "--task", str(uuid.UUID(int=1)), "--queue", "mail"], "not apply with --task"),
         (["state", "--at", "2024-13-01", "--json"], "--at: '2024-13-01' is not an ISO 8601 time"),
     ],
     ids=["bad-time", "bad-type", "bad-id", "unknown-task", "filters-with-task", "bad-month"],
@@ -281,7 +282,9 @@ def test_the_commands_register_on_another_parser_with_common_options(
     assert [r["type"] for r in json.loads(capsys.readouterr().out)] == ["submitted", "submitted"]
 
 
-def test_an_unreachable_store_is_one_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unreachable_store_is_one_line_on_stderr(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_Q_MASTER_KEY", TEST_MASTER_KEY)  # else that is the first error
     code, out, err = run(["--store", "postgresql://postgres@127.0.0.1:1/none", "state", "--position", "1"], capsys)
     assert (code, out) == (1, "")
     assert err.startswith("error: event store unavailable")

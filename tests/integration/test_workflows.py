@@ -58,7 +58,10 @@ async def test_a_chain_passes_each_result_to_the_next(
     assert _types(app, last) == ["submitted", "released", "started", "succeeded"]
     released = app.history(last)[1]
     assert isinstance(released, TaskReleased)
-    assert released.args == [13, 3]  # the result before it, then its own arguments
+    assert released.args is None
+    assert released.sealed_arguments is not None
+    assert app.payloads.open_arguments(released.tenant, last, released.sealed_arguments) == ([13, 3], {})  # the
+    # result before it, then its own arguments
     assert app.workflow(handle.id).state is WorkflowOutcome.SUCCEEDED
 
 
@@ -134,7 +137,7 @@ def test_two_coordinators_reading_the_same_successes_at_once_release_the_callbac
     members = 200
     handle = (group(app.tasks["add"].s(i) for i in range(members)) | app.tasks["total"].s()).delay()
     steps = handle.state().steps
-    stores = [open_store(durable_store_url) for _ in range(2)]
+    stores = [open_store(durable_store_url, master_key=app.master_key()) for _ in range(2)]
     coordinators = [Coordinator(store) for store in stores]
     try:
         for coordinator in coordinators:  # both have stored the edges of the callback
@@ -143,8 +146,8 @@ def test_two_coordinators_reading_the_same_successes_at_once_release_the_callbac
         for step in steps[:-1]:  # every member succeeds, as workers would record it
             state = app.get_task(step.task_id)
             started = task_domain.start(state, worker="worker:test", now=utcnow())
-            app.store.append([started, task_domain.succeed(task_domain.evolve(state, started), result=state.args[0],
-                                                           now=utcnow())])
+            app.store.append([started, task_domain.succeed(task_domain.evolve(state, started),
+                                                           result=app.payloads.arguments(state)[0][0], now=utcnow())])
         page = app.store.read_log(after, 10 * members)
         barrier = threading.Barrier(2)
 
@@ -161,7 +164,9 @@ def test_two_coordinators_reading_the_same_successes_at_once_release_the_callbac
         assert _types(app, steps[-1].task_id) == ["submitted", "released"]
         released = app.history(steps[-1].task_id)[1]
         assert isinstance(released, TaskReleased)
-        assert released.args == [list(range(members))]
+        assert released.sealed_arguments is not None
+        assert app.payloads.open_arguments(released.tenant, released.stream_id, released.sealed_arguments) == (
+            [list(range(members))], {})
     finally:
         for store in stores:
             store.close()

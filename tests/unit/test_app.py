@@ -12,7 +12,10 @@ import pydantic
 import pytest
 
 from broker_q import App, Settings
-from broker_q.domain.task import TaskStatus
+from broker_q.domain import task as domain_task
+from broker_q.domain.events import TaskSubmitted
+from broker_q.domain.schedule import fire_key
+from broker_q.domain.task import TaskState, TaskStatus
 from broker_q.errors import (
     ConfigurationError,
     DomainError,
@@ -21,6 +24,7 @@ from broker_q.errors import (
     TaskNotFound,
     ValidationError,
 )
+from broker_q.payloads import reveal
 
 
 @pytest.fixture
@@ -28,6 +32,11 @@ def app() -> Iterator[App]:
     app = App(store="memory://")
     yield app
     app.close()
+
+
+def revealed(app: App, task_id: uuid.UUID) -> TaskState:
+    """The task with its sealed arguments and result opened (encryption is on by default)."""
+    return reveal(app.payloads, app.get_task(task_id))
 
 
 def test_two_tasks_with_one_name_are_refused(app: App) -> None:
@@ -75,7 +84,7 @@ def test_arguments_that_fit_are_recorded(app: App) -> None:
         return x + y
 
     handle = add.delay(1, y=2)
-    state = app.get_task(handle.id)
+    state = revealed(app, handle.id)
     assert (state.task, state.queue, state.priority, state.args, state.kwargs) == ("math.add", "maths", 7, [1],
                                                                                    {"y": 2})
 
@@ -120,7 +129,7 @@ def test_arguments_are_recorded_as_sent_and_validated_by_the_handler_s_type_hint
 
     handle = app.submit("ship", [{"sku": "A-1", "quantity": "3"}, "2026-12-01T10:00:00Z"], {"count": "2",
                                                                                             "note": [1, {}]})
-    state = app.get_task(handle.id)
+    state = revealed(app, handle.id)
     assert (state.args, state.kwargs) == ([{"sku": "A-1", "quantity": "3"}, "2026-12-01T10:00:00Z"],
                                           {"count": "2", "note": [1, {}]})
     # What the worker calls the handler with: the values as validated (the unannotated one unchanged).
@@ -138,7 +147,7 @@ def test_a_handler_without_annotations_takes_any_json_values(app: App) -> None:
         return x
 
     handle = app.submit("echo", ["a", 1.5, None], {"k": {"nested": [True]}})
-    assert app.get_task(handle.id).args == ["a", 1.5, None]
+    assert revealed(app, handle.id).args == ["a", 1.5, None]
     assert echo.parameters.values(["a", 1.5], {"k": [1]}) == (["a", 1.5], {"k": [1]})
 
 
@@ -232,7 +241,15 @@ def test_one_idempotency_key_twice_is_one_task_of_one_event(app: App) -> None:
     assert app.store.max_position() == 1
     resent = app.submit("anything", [2], idempotency_key="order-42")
     assert resent.id == first.id
-    assert app.get_task(first.id).args == [1]  # the first submit stands
+    assert revealed(app, first.id).args == [1]  # the first submit stands
+
+
+def test_a_schedules_idempotency_key_is_refused_so_no_client_takes_a_tick(app: App) -> None:
+    schedule = uuid.uuid4()
+    key = fire_key(schedule, datetime(2030, 1, 1, 2, tzinfo=UTC))
+    with pytest.raises(DomainError, match="broker_q's own"):
+        app.submit("anything", [1], idempotency_key=key)
+    assert app.store.max_position() == 0
 
 
 async def test_one_idempotency_key_twice_is_one_task_when_submitted_async(app: App) -> None:
@@ -284,10 +301,11 @@ def test_a_submitted_task_is_ready(app: App) -> None:
     handle = app.submit("anything", [1, "two"], {"three": 3.0}, queue="q1", priority=2, tenant="acme")
     state = app.get_task(handle.id)
     assert state.status is TaskStatus.READY
-    assert (state.version, state.attempts, state.args, state.kwargs) == (1, 0, [1, "two"], {"three": 3.0})
+    assert (state.version, state.attempts, state.args, state.kwargs) == (1, 0, [], {})  # sealed
     assert (state.queue, state.priority, state.tenant) == ("q1", 2, "acme")
     assert handle.state() == state
     assert app.get_task(str(handle.id)) == state
+    assert (revealed(app, handle.id).args, revealed(app, handle.id).kwargs) == ([1, "two"], {"three": 3.0})
 
 
 def test_calling_a_task_definition_runs_the_function_here(app: App) -> None:
@@ -304,7 +322,8 @@ def test_calling_a_task_definition_runs_the_function_here(app: App) -> None:
 
 
 def test_an_app_does_no_io_until_the_store_is_used() -> None:
-    app = App(store="postgresql://postgres@127.0.0.1:1/test?schema=nowhere", amqp_url="amqp://127.0.0.1:1/")
+    app = App(store="postgresql://postgres@127.0.0.1:1/test?schema=nowhere", amqp_url="amqp://127.0.0.1:1/",
+              master_key="A" * 43 + "=")
 
     @app.task(name="noop")
     def noop() -> None:
@@ -401,7 +420,7 @@ def test_submit_options_travel_with_delay_and_unknown_ones_are_refused(app: App)
 
     first = add.delay(1, 2)
     handle = add.options(countdown=30, priority=9, depends_on=[first]).delay(3, 4)
-    state = handle.state()
+    state = revealed(app, handle.id)
     assert state.status is TaskStatus.BLOCKED
     assert state.priority == 9
     assert state.args == [3, 4]
@@ -410,3 +429,85 @@ def test_submit_options_travel_with_delay_and_unknown_ones_are_refused(app: App)
     assert 29 < (state.due_at - state.submitted_at).total_seconds() <= 30
     with pytest.raises(ValidationError, match=r"unknown submit option.*countdwn"):
         add.options(countdwn=3)
+
+
+# -- encryption ------------------------------------------------------------------------------
+
+
+def test_encryption_is_on_by_default_and_off_stores_arguments_plain(tmp_path: Path) -> None:
+    sealed = App(store=f"sqlite:///{tmp_path}/on.sqlite")
+    plain = App(store=f"sqlite:///{tmp_path}/off.sqlite", encryption=False)
+    try:
+        assert sealed.settings.encryption is True
+        on = sealed.history(sealed.submit("anything", ["s3cret"]).id)[0]
+        off = plain.history(plain.submit("anything", ["s3cret"]).id)[0]
+        assert isinstance(on, TaskSubmitted)
+        assert isinstance(off, TaskSubmitted)
+        assert (on.args, on.sealed_arguments is not None) == ([], True)
+        assert (off.args, off.sealed_arguments) == (["s3cret"], None)
+        assert b"s3cret" not in (tmp_path / "on.sqlite").read_bytes() + (tmp_path / "on.sqlite-wal").read_bytes()
+        assert not (tmp_path / "off.sqlite.master.key").exists()  # a store that never seals makes no key
+    finally:
+        sealed.close()
+        plain.close()
+
+
+def test_the_sqlite_master_key_file_is_made_beside_the_store_on_first_use_and_said_where(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = App(store=f"sqlite:///{tmp_path}/q.sqlite")
+    try:
+        assert not (tmp_path / "q.sqlite.master.key").exists()
+        with caplog.at_level("WARNING", logger="broker_q.master_key"):
+            app.submit("anything", [1])
+        key_file = tmp_path / "q.sqlite.master.key"
+        assert key_file.exists()
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        assert str(key_file) in caplog.text
+        assert "Back it up" in caplog.text
+    finally:
+        app.close()
+
+
+def test_the_master_key_comes_from_the_settings_or_a_file(tmp_path: Path) -> None:
+    key = "".join(chr(65 + i % 26) for i in range(43)) + "="
+    (tmp_path / "master.key").write_text(key + "\n")
+    given = App(store="memory://", master_key=key)
+    from_file = App(store="memory://", master_key_file=tmp_path / "master.key")
+    assert given.master_key() is not None
+    assert from_file.master_key() is not None
+    assert given.master_key().key == from_file.master_key().key  # type: ignore[union-attr]
+    assert "key file" in from_file.master_key().origin  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="cannot read the master key file"):
+        App(store="memory://", master_key_file=tmp_path / "missing.key").master_key()
+
+
+def test_a_postgresql_store_without_a_master_key_is_refused_when_encryption_is_on() -> None:
+    url = "postgresql://postgres@127.0.0.1:1/test?schema=nowhere"
+    with pytest.raises(ConfigurationError, match=r"BROKER_Q_MASTER_KEY.*BROKER_Q_ENCRYPTION=false"):
+        App(store=url).submit("anything")
+    assert App(store=url, encryption=False).master_key() is None
+
+
+def test_a_replay_with_new_arguments_seals_the_whole_arguments_again(app: App) -> None:
+    handle = app.submit("anything", [1, "s3cret"], {"keep": True})
+    state = app.get_task(handle.id)
+    started = domain_task.start(state, worker="w", now=datetime.now(UTC))
+    dead = domain_task.dead_letter(domain_task.evolve(state, started), error_type="E", message="m", traceback=None,
+                                   now=datetime.now(UTC))
+    app.store.append([started, dead])
+    replayed = app.replay_dead_letter(handle.id, reason="fixed", args=[2, "new"])
+    assert (replayed.args, replayed.kwargs, replayed.sealed_arguments is not None) == ([], {}, True)
+    assert app.payloads.arguments(replayed) == ([2, "new"], {"keep": True})
+
+
+@pytest.mark.parametrize("how", ["submit", "submit_async"])
+async def test_a_refused_submit_seals_nothing_and_makes_no_key(app: App, how: str) -> None:
+    async def submit() -> object:
+        if how == "submit":
+            return app.submit("anything", ["s3cret"], tenant="Not A Tenant")
+        return await app.submit_async("anything", ["s3cret"], tenant="Not A Tenant")
+
+    with pytest.raises(DomainError, match="not a tenant name"):
+        await submit()
+    assert app.store.keys.keys_of("Not A Tenant") == []
+    assert app.store.max_position() == 0

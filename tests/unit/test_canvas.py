@@ -203,8 +203,10 @@ def test_options_of_a_step_are_its_task_s(app: App) -> None:
     assert first.due_at is not None
     assert 59 < (first.due_at - first.timestamp).total_seconds() <= 60
     assert (first.max_attempts, first.time_limit) == (3, 5)
+    assert second.sealed_arguments is not None
+    assert app.payloads.open_arguments(second.tenant, second.stream_id, second.sealed_arguments) == ([1], {"k": "v"})
     assert (second.task, second.args, second.kwargs, second.queue, second.due_at) == (
-        "elsewhere.task", [1], {"k": "v"}, "other", eta)
+        "elsewhere.task", [], {}, "other", eta)
     with pytest.raises(ValidationError, match="not both"):
         s(app, "math.add", 1).set(countdown=1, eta=eta).delay()
 

@@ -20,7 +20,7 @@ from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
 CONVERTED = frozenset({"timestamp", "correlation_id", "causation_id", "due_at", "until", "task_id", "fire_time",
-                       "schedule_id", "depends_on"})
+                       "schedule_id", "depends_on", "token_id", "expires_at"})
 """The only fields the codec converts from JSON (see ``broker_q/codec.py``)."""
 COLUMNS = frozenset({"stream_id", "version"})
 """Stored as columns of the store, not in the JSON."""
@@ -85,6 +85,26 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         "name": st.text(), "task_id": st.uuids().map(str), "task": st.text(),
         "parents": st.lists(st.text(), max_size=3)}), max_size=4),
     "returns": st.text() | st.lists(st.text(), max_size=4),
+    "sealed_arguments": st.none() | st.text(),
+    "sealed_result": st.none() | st.text(),
+    "key_id": st.text(),
+    "generation": st.integers(1, 2**31),
+    "previous_key_id": optional_text,
+    "key_ids": st.lists(st.text(), max_size=4),
+    "token_id": st.none() | st.uuids(),
+    "roles": st.lists(st.text(), max_size=5),
+    "secret_sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
+    "expires_at": st.none() | st.datetimes(timezones=st.just(UTC)),
+    "principal": st.text(),
+    "permission": st.text(),
+    "action": st.text(),
+    "description": st.text(),
+    "max_waiting": st.none() | st.integers(1, 2**31),
+    "submit_rate": st.none() | st.floats(0.001, 1e6),
+    "submit_burst": st.none() | st.integers(1, 2**31),
+    "max_payload_bytes": st.none() | st.integers(1, 2**31),
+    "quota": st.text(),
+    "limit": st.floats(0.001, 1e9),
 }
 
 
@@ -103,7 +123,7 @@ def test_every_field_of_every_event_class_has_a_strategy() -> None:
 
 
 def test_every_topic_names_its_own_class() -> None:
-    assert len(TOPICS) == 23
+    assert len(TOPICS) == 31
     for topic, cls in TOPICS.items():
         assert topic == cls.TOPIC
     assert len({cls.TYPE for cls in TOPICS.values()}) == len(TOPICS)

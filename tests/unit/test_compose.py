@@ -38,8 +38,8 @@ def command_words(service: dict[str, Any]) -> list[str]:
 def test_the_services_are_the_broker_and_the_store_and_the_broker_q_processes(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    assert set(services) == {"rabbitmq", "postgres", "relay", "worker", "scheduler", "projections"}
-    assert set(broker_q_services(services)) == {"relay", "worker", "scheduler", "projections"}
+    assert set(services) == {"rabbitmq", "postgres", "relay", "worker", "scheduler", "projections", "api"}
+    assert set(broker_q_services(services)) == {"relay", "worker", "scheduler", "projections", "api"}
     assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13-management")
     assert services["postgres"]["image"].startswith("postgres:16")
     for name in ("rabbitmq", "postgres"):

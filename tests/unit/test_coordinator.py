@@ -9,6 +9,7 @@ log into pages, against a reference written out here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import uuid
@@ -24,8 +25,9 @@ from hypothesis import strategies as st
 
 from broker_q.coordinator import ACTOR, Coordinator
 from broker_q.domain import task as domain
-from broker_q.domain.events import TaskEvent
+from broker_q.domain.events import TaskEvent, TaskReleased
 from broker_q.domain.task import TaskState, TaskStatus, replay
+from broker_q.payloads import Payloads
 from broker_q.store import EventStore, Recorded, open_store
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -57,11 +59,14 @@ class Tasks:
     def types(self, task_id: uuid.UUID) -> list[str]:
         return [e.TYPE for e in self.store.read_stream(task_id)]
 
-    def submit(self, *parents: uuid.UUID, receives: str | None = None, args: list[Any] | None = None) -> uuid.UUID:
+    def submit(self, *parents: uuid.UUID, receives: str | None = None, args: list[Any] | None = None,
+               tenant: str = "acme") -> uuid.UUID:
+        """A new task; its id is ``uuid.UUID(int=n)`` for the n-th task, so a test can name a task
+        before it is recorded, as another AMQP client may (its id comes from an idempotency key)."""
         self.count += 1
         task_id = uuid.UUID(int=self.count)
         self._append(domain.submit(task_id=task_id, task="t.step", queue="default", args=args or [], kwargs={},
-                                   priority=5, tenant="acme", actor="client:test", now=self.now,
+                                   priority=5, tenant=tenant, actor="client:test", now=self.now,
                                    depends_on=parents, receives=receives))
         return task_id
 
@@ -260,6 +265,67 @@ def test_an_unknown_parent_cancels_the_child() -> None:
     follow(coordinator, store)
     assert tasks.types(child) == ["submitted", "cancelled"]
     assert not store.dependencies.any()
+
+
+def test_a_parent_of_another_tenant_cancels_the_child() -> None:
+    store = new_store()
+    tasks, coordinator = Tasks(store), Coordinator(store)
+    theirs = tasks.submit(tenant="other")
+    child = tasks.submit(theirs)
+    follow(coordinator, store)
+    assert tasks.state(child).cancel_reason == reason(theirs, "belongs to another tenant")
+
+
+def cuts_of(total: int) -> list[list[int]]:
+    """Every way to cut positions 1..total into pages: the last position of each page but the last."""
+    return [[p for p, cut in enumerate(cuts, start=1) if cut]
+            for cuts in itertools.product([False, True], repeat=total - 1)]
+
+
+def read_in_pages(coordinator: Coordinator, store: EventStore, ends: list[int]) -> None:
+    """Feed the log to the coordinator in pages ending at ``ends``, then to its end (its own events too)."""
+    after = 0
+    while True:
+        end = next((p for p in ends if p > after), None)
+        records = store.read_log(after, 1000 if end is None else end - after)
+        if not records:
+            return
+        if coordinator.concerns(records):
+            coordinator.process(records)
+        after = records[-1].position
+
+
+@pytest.mark.parametrize("length", [2, 3])
+def test_a_dependency_cycle_is_cancelled_whole_however_the_log_is_cut(length: int) -> None:
+    """Tasks that wait for each other in a ring, as AMQP clients can send them (ids known in
+    advance): each is cancelled, the first for a parent recorded after it, the others upstream.
+    (A task naming itself is refused by the domain before it is recorded.)"""
+    for ends in cuts_of(length + 1):
+        store = new_store()
+        tasks = Tasks(store)
+        tasks.submit()  # task 1: not in the ring, so the ring's ids are 2..length+1
+        ring = [uuid.UUID(int=n) for n in range(2, length + 2)]
+        for index in range(length):
+            assert tasks.submit(ring[(index + 1) % length]) == ring[index]
+        read_in_pages(Coordinator(store), store, ends)
+        assert [tasks.state(t).status for t in ring] == [CANCELLED] * length, ends
+        assert tasks.state(ring[0]).cancel_reason == reason(ring[1], "was recorded after this task"), ends
+        assert not store.dependencies.any()
+
+
+def test_a_parent_without_parents_recorded_after_its_child_is_waited_for() -> None:
+    """A parent sent by another client may be recorded after the child that names it: that cannot
+    close a cycle (the parent waits for nothing), so the child waits for it as for any parent."""
+    store = new_store()
+    tasks, coordinator = Tasks(store), Coordinator(store)
+    parent = uuid.UUID(int=2)
+    child = tasks.submit(parent)
+    assert tasks.submit() == parent
+    follow(coordinator, store)
+    assert tasks.state(child).status is BLOCKED
+    tasks.succeed(parent)
+    follow(coordinator, store)
+    assert tasks.types(child) == ["submitted", "released"]
 
 
 @pytest.mark.parametrize("parent_ends", ["succeeded", "dead_lettered"])
@@ -501,3 +567,69 @@ def test_random_graphs_and_interleavings_end_as_the_reference_says(nodes: list[N
                                 else f"was {parents[named[0]]}")
             assert parents[named[0]] is not SUCCEEDED
     assert not store.dependencies.any()  # no edge outlives the fate of its child
+
+
+# -- sealed payloads ----------------------------------------------------------------------------
+
+
+def _sealing(store: EventStore) -> Payloads:
+    return Payloads(lambda: store.keys, sealing=True)
+
+
+def test_sealed_results_are_opened_and_sealed_again_for_the_child_that_receives_them() -> None:
+    store = new_store()
+    tasks, payloads = Tasks(store), _sealing(store)
+    parent = tasks.submit()
+    tasks.start(parent)
+    done = domain.succeed(tasks.state(parent), result={"total": "s3cret"}, now=tasks.now)
+    tasks._append(payloads.succeeded(done, arguments_sealed=True))
+    child = uuid.UUID(int=99)
+    tasks._append(payloads.submitted(domain.submit(
+        task_id=child, task="t.step", queue="default", args=[1], kwargs={"k": "v"}, priority=5, tenant="acme",
+        actor="client:test", now=tasks.now, depends_on=[parent], receives="result")))
+    follow(Coordinator(store), store)
+    released = store.read_stream(child)[1]
+    assert isinstance(released, TaskReleased)
+    assert released.args is None
+    assert released.sealed_arguments is not None
+    assert "s3cret" not in released.sealed_arguments
+    assert payloads.open_arguments("acme", child, released.sealed_arguments) == ([{"total": "s3cret"}, 1],
+                                                                               {"k": "v"})
+
+
+def test_a_plain_child_of_a_sealed_parent_gets_its_arguments_sealed_never_the_result_plain() -> None:
+    store = new_store()
+    tasks, payloads = Tasks(store), _sealing(store)
+    parent = tasks.submit()
+    tasks.start(parent)
+    tasks._append(payloads.succeeded(domain.succeed(tasks.state(parent), result="s3cret", now=tasks.now),
+                                     arguments_sealed=True))
+    child = tasks.submit(parent, receives="result", args=["own"])
+    follow(Coordinator(store), store)
+    state = tasks.state(child)
+    assert (state.status, state.args) == (READY, [])
+    assert payloads.arguments(state) == (["s3cret", "own"], {})
+
+
+def test_a_result_that_does_not_open_cancels_the_child_naming_the_key_and_nothing_runs_on_it() -> None:
+    store = new_store()
+    tasks, payloads = Tasks(store), _sealing(store)
+    parent = tasks.submit()
+    tasks.start(parent)
+    done = payloads.succeeded(domain.succeed(tasks.state(parent), result=1, now=tasks.now), arguments_sealed=True)
+    assert done.sealed_result is not None
+    flipped = done.sealed_result[:-3] + ("A" if done.sealed_result[-3] != "A" else "B") + done.sealed_result[-2:]
+    tasks._append(dataclasses.replace(done, sealed_result=flipped))
+    child = tasks.submit(parent, receives="result")
+    grandchild = tasks.submit(child)
+    coordinator = Coordinator(store)
+    follow(coordinator, store)
+    state = tasks.state(child)
+    key_id = flipped.split(":")[1]
+    assert state.status is CANCELLED
+    assert state.cancel_reason is not None
+    assert state.cancel_reason.startswith("arguments_unreadable:")
+    assert f"'{key_id}'" in state.cancel_reason
+    assert "'acme'" in state.cancel_reason
+    assert tasks.state(grandchild).cancel_reason == reason(child, "was cancelled")
+    assert coordinator.released == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import multiprocessing
 import os
@@ -10,6 +11,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker_q.crypto import associated_data, is_sealed, open_sealed, seal, sealed_key_id
 from broker_q.errors import ConfigurationError, DecryptionError, PayloadCorrupted, UnknownKey, ValidationError
@@ -177,3 +180,9 @@ def test_settings_validate_the_master_key(monkeypatch: pytest.MonkeyPatch) -> No
     assert bad not in str(caught.value)
     with pytest.raises(Exception, match="not both"):
         Settings(master_key=text, master_key_file=Path("/k"))
+
+
+@given(tenant=st.text(), task_id=st.text())
+def test_the_associated_data_is_the_json_array_of_the_decision(tenant: str, task_id: str) -> None:
+    """Written out for speed, it must stay byte for byte what decision 0008 says it is."""
+    assert associated_data(tenant, task_id) == json.dumps(["task", tenant, task_id], separators=(",", ":")).encode()

@@ -10,6 +10,7 @@ computed here in plain Python from the histories themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections import Counter
@@ -24,7 +25,15 @@ from hypothesis import strategies as st
 
 from broker_q.codec import dumps
 from broker_q.domain import task as domain
-from broker_q.domain.events import Event, IngressRejected, TaskEvent, TaskSubmitted
+from broker_q.domain.events import (
+    Event,
+    IngressRejected,
+    KeyRotated,
+    KeysShredded,
+    TaskEvent,
+    TaskSubmitted,
+    keys_stream_id,
+)
 from broker_q.domain.task import TaskState
 from broker_q.errors import ValidationError
 from broker_q.store import EventStore, open_store
@@ -809,3 +818,27 @@ def test_queries_refuse_bad_pages(views: Views) -> None:
         queries.tasks(views.databases, queue="default", state="ready", limit=0)
     with pytest.raises(ValidationError, match="limit"):
         queries.dead_letters(views.databases, limit=1001)
+
+
+def test_a_sealed_result_stays_sealed_in_the_views_and_key_events_are_audited(views: Views) -> None:
+    story = Story()
+    task = story.submit()
+    story.start(task)
+    story.succeed(task, result=None)
+    story.log[-1] = dataclasses.replace(story.log[-1], sealed_result="bq1:k1.0a0b0c0d:c2VhbGVk")
+    rotated = KeyRotated(stream_id=keys_stream_id("acme"), version=1, timestamp=story.now, tenant="acme",
+                         actor="operator:ann@ops", correlation_id=keys_stream_id("acme"), key_id="k2.0e0f0a0b",
+                         generation=2, previous_key_id="k1.0a0b0c0d")
+    shredded = KeysShredded(stream_id=keys_stream_id("acme"), version=2, timestamp=story.now, tenant="acme",
+                            actor="operator:ann@ops", correlation_id=keys_stream_id("acme"),
+                            key_ids=["k1.0a0b0c0d", "k2.0e0f0a0b"], reason="tenant left")
+    views.store.append([*story.log, rotated, shredded])
+    views.runner.catch_up()
+    row = queries.task(views.databases, str(task))
+    assert row is not None
+    assert (row["state"], row["result"]) == ("succeeded", "bq1:k1.0a0b0c0d:c2VhbGVk")
+    audited = queries.audit(views.databases, AuditQuery(tenant="acme", types=["key_rotated", "keys_shredded"]))
+    assert [(r["type"], r["task_id"], r["actor"]) for r in audited] == [
+        ("key_rotated", None, "operator:ann@ops"), ("keys_shredded", None, "operator:ann@ops")]
+    assert audited[0]["summary"] == "key k2.0e0f0a0b (generation 2) is now current"
+    assert "k1.0a0b0c0d, k2.0e0f0a0b" in audited[1]["summary"]

@@ -243,7 +243,8 @@ def test_every_type_can_be_filtered() -> None:
             "cancelled", "ingress_rejected", "breaker_failure", "breaker_opened", "breaker_probe",
             "breaker_closed", "schedule_created", "schedule_changed", "schedule_paused", "schedule_resumed",
             "schedule_removed", "schedule_fired", "schedule_indexed", "workflow_submitted",
-            "workflow_cancelled"} == EVENT_TYPES
+            "workflow_cancelled", "key_rotated", "keys_shredded", "token_issued", "token_revoked",
+            "access_denied", "tenant_created", "tenant_quota_set", "quota_exceeded"} == EVENT_TYPES
 
 
 def test_a_scan_until_a_time_stops_past_the_skew_allowance(store: EventStore) -> None:

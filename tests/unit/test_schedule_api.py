@@ -98,3 +98,13 @@ def test_a_scheduler_pass_submits_the_task_of_each_due_tick(app: App) -> None:
         "report", "reports", 7, {"format": "a", "pages": 2}, TaskStatus.READY)
     assert asyncio.run(scheduler.step()) == next_fire  # nothing more is due
     assert scheduler.fired == 1
+
+
+def test_a_scheduler_given_the_app_s_payloads_seals_the_arguments_of_the_tasks_it_fires(app: App) -> None:
+    created = app.schedule("sealed", cron="* * * * * *", task="report", kwargs={"format": "s3cret", "pages": 2})
+    now = created.since + timedelta(seconds=1)
+    asyncio.run(Scheduler(app.store, clock=lambda: now, payloads=app.payloads).step())
+    [fire] = [e for e in app.store.read_stream(schedule_id("default", "sealed")) if isinstance(e, ScheduleFired)]
+    task = app.get_task(fire.task_id)
+    assert (task.args, task.kwargs, task.sealed_arguments is not None) == ([], {}, True)
+    assert app.payloads.arguments(task) == ([], {"format": "s3cret", "pages": 2})

@@ -545,3 +545,50 @@ def test_a_blocked_task_can_be_cancelled() -> None:
 def test_a_submit_that_cannot_wait_as_asked_is_refused(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(DomainError, match=match):
         _submitted(**overrides)
+
+
+# -- sealed payloads (the domain carries them, opaque: sealing is broker_q.payloads') -----------
+
+
+def _sealed(state_or_event: Any) -> Any:
+    return dataclasses.replace(state_or_event, args=[], kwargs={}, sealed_arguments="bq1:k1.x:opaque")
+
+
+def test_sealed_arguments_and_result_are_kept_as_they_came() -> None:
+    state = evolve(None, _sealed(_submitted()))
+    assert (state.args, state.kwargs, state.sealed_arguments) == ([], {}, "bq1:k1.x:opaque")
+    state = evolve(state, domain.start(state, worker="w", now=NOW))
+    done = domain.succeed(state, result=None, now=NOW)
+    state = evolve(state, dataclasses.replace(done, sealed_result="bq1:k1.x:result"))
+    assert (state.status, state.result, state.sealed_result) == (SUCCEEDED, None, "bq1:k1.x:result")
+
+
+def test_a_sealed_release_replaces_the_arguments_and_a_plain_one_cannot_follow_sealed_ones() -> None:
+    state = evolve(None, _sealed(_submitted(depends_on=[PARENT_A], receives="result")))
+    event = domain.release(dataclasses.replace(state, sealed_arguments=None), results=[7], actor="c", now=NOW)
+    assert event.args == [7]  # what the coordinator seals again
+    with pytest.raises(DomainError, match="sealed arguments"):
+        evolve(state, event)
+    released = evolve(state, dataclasses.replace(event, args=None, sealed_arguments="bq1:k1.x:merged"))
+    assert (released.status, released.args, released.sealed_arguments) == (READY, [], "bq1:k1.x:merged")
+
+
+def test_a_dead_letter_with_sealed_arguments_is_replayed_with_new_ones_only_sealed() -> None:
+    state = evolve(None, _sealed(_submitted()))
+    state = evolve(state, domain.start(state, worker="w", now=NOW))
+    state = evolve(state, domain.dead_letter(state, error_type="E", message="m", traceback=None, now=NOW))
+    with pytest.raises(DomainError, match="must be sealed too"):
+        domain.replay_dead_letter(state, reason="r", actor="op", now=NOW, kwargs={"k": 1})
+    with pytest.raises(DomainError, match="not both"):
+        domain.replay_dead_letter(state, reason="r", actor="op", now=NOW, args=[1], sealed_arguments="bq1:k:v")
+    again = evolve(state, domain.replay_dead_letter(state, reason="r", actor="op", now=NOW))
+    assert again.sealed_arguments == "bq1:k1.x:opaque"
+    changed = evolve(state, domain.replay_dead_letter(state, reason="r", actor="op", now=NOW,
+                                                      sealed_arguments="bq1:k2.y:new"))
+    assert (changed.status, changed.args, changed.kwargs, changed.sealed_arguments) == (READY, [], {}, "bq1:k2.y:new")
+    plain = evolve(None, _submitted())
+    plain = evolve(plain, domain.start(plain, worker="w", now=NOW))
+    plain = evolve(plain, domain.dead_letter(plain, error_type="E", message="m", traceback=None, now=NOW))
+    sealed_now = evolve(plain, domain.replay_dead_letter(plain, reason="r", actor="op", now=NOW,
+                                                         sealed_arguments="bq1:k1.x:whole"))
+    assert (sealed_now.args, sealed_now.sealed_arguments) == ([], "bq1:k1.x:whole")
