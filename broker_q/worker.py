@@ -162,7 +162,7 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
         """Tasks whose handler runs in this worker now, by task id."""
-        self._handlers: dict[uuid.UUID, asyncio.Future[TaskEvent]] = {}
+        self._handlers: dict[uuid.UUID, _CancelScope] = {}
         """The running handlers themselves, by task id: what a cancellation cancels."""
         self._cancelled: collections.OrderedDict[uuid.UUID, None] = collections.OrderedDict()
         """Recently cancelled tasks (bounded): a cancellation that arrives before its handler starts."""
@@ -370,17 +370,20 @@ class Worker:
         try:
             if work.id in self._cancelled:
                 return True  # cancelled while its ``started`` was being appended: the handler never runs
-            handler = asyncio.ensure_future(self._execute(self.app.tasks.get(work.task), work, started))
-            self._handlers[work.id] = handler
+            # The handler runs in this task, not in one of its own: a task per delivery is what asyncio
+            # costs most for, and a cancellation of the task reaches it through the scope alone.
+            scope = self._handlers[work.id] = _CancelScope(current)
             try:
-                outcome = await handler
+                outcome = await self._execute(definition, work, started)
             except asyncio.CancelledError:
-                if current.cancelling() or work.id not in self._cancelled:
+                if not scope.cancelled or current.uncancel():
                     raise  # this worker is stopping: the message goes back to the queue
                 log.info("task %s: cancelled while running", work.id)
                 return True
             finally:
                 del self._handlers[work.id]
+            if scope.cancelled:
+                current.uncancel()  # the handler swallowed its cancellation and returned: its outcome stands
             if isinstance(outcome, TaskSucceeded):
                 outcome = await self._sealed(outcome, arguments_sealed=work.sealed_arguments is not None)
             try:
@@ -610,7 +613,7 @@ class Worker:
             while len(self._cancelled) > 10_000:
                 self._cancelled.popitem(last=False)
             handler = self._handlers.get(task_id)
-            if handler is not None and not handler.done():
+            if handler is not None and not handler.cancelled:
                 log.info("task %s: cancelled, stopping its handler", task_id)
                 handler.cancel()
 
@@ -711,6 +714,26 @@ class Worker:
             log.warning("refusal of a message not recorded: %s", e)
             return
         self._acks_of(message.channel).done(message.delivery_tag)
+
+
+class _CancelScope:
+    """A handler running inline in its delivery's task, as a cancellation of its task reaches it.
+
+    :meth:`cancel` cancels the delivery's task and says so, as ``asyncio.timeout`` does: the
+    ``CancelledError`` that comes out of the handler is this cancellation's when ``cancelled`` is set
+    and ``Task.uncancel()`` leaves no other (the worker stopping cancels the same task, and then the
+    delivery must not be acknowledged).
+    """
+
+    __slots__ = ("cancelled", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
 
 
 class _Acks:
