@@ -6,7 +6,11 @@ its own, and interleaved over several runs:
 
 - raw: ``select_notifications`` pages of the store's recorder, undecoded (what the store gives);
 - decoded: ``read_log`` pages, decoded into broker_q events;
-- catch-up: every view built from position 0 into empty tables (a ``ProjectionRunner``).
+- catch-up: every view built from position 0 into empty tables, as ``broker-q projections run``
+  builds them: a ``ProjectionRunner`` per views database, each in a process of its own, all at once
+  (on SQLite a process per view, each reading the log itself; on PostgreSQL one process). Its rate
+  is the events of the log over the time from the first process's start to the last one's end,
+  and its peak RSS the sum of the processes' peaks.
 
 Usage: python bench/projections.py [--sqlite-events N] [--postgres-events N] [--runs R] [--batch B]
 Prints a Markdown table of medians (min-max) to paste into bench/README.md.
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,12 +65,13 @@ def fill(url: str, n_events: int) -> None:
     store.close()
 
 
-def measure(kind: str, url: str, batch: int) -> dict[str, float]:
-    """Run in a process of its own: the seconds and events of one pass, and this process's peak RSS."""
+def measure(kind: str, url: str, batch: int, view: str | None = None) -> dict[str, float]:
+    """Run in a process of its own: one pass (the catch-up of ``view``'s database), its start and end
+    (wall clock, to line up with other processes), and this process's peak RSS."""
     from broker_q.store import open_store
 
     store = open_store(url)
-    started = time.perf_counter()
+    began, started = time.time(), time.perf_counter()
     count = 0
     if kind == "raw":
         recorder = store._recorder
@@ -82,23 +88,26 @@ def measure(kind: str, url: str, batch: int) -> dict[str, float]:
         from projections.database import open_view_database
         from projections.runner import ProjectionRunner
 
-        database = open_view_database(url)
-        runner = ProjectionRunner(store, database, batch_size=batch)
+        assert view is not None
+        runner = ProjectionRunner(store, open_view_database(url, view), batch_size=batch)
         runner.setup()
         count = runner.catch_up()
     elapsed = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"events": count, "seconds": elapsed, "peak_mib": peak_kib / 1024}
+    return {"events": count, "seconds": elapsed, "began": began, "ended": began + elapsed,
+            "peak_mib": peak_kib / 1024}
 
 
 def fresh_views(url: str) -> None:
     """Empty views, so that the next catch-up starts from position 0."""
     if url.startswith("sqlite"):
         from projections.database import views_path
+        from projections.views import VIEWS
 
         events_path = url.removeprefix("sqlite:///")
-        for suffix in ("", "-wal", "-shm"):
-            Path(views_path(events_path) + suffix).unlink(missing_ok=True)
+        for view in VIEWS:
+            for suffix in ("", "-wal", "-shm"):
+                Path(views_path(events_path, view) + suffix).unlink(missing_ok=True)
     else:
         import psycopg
 
@@ -109,10 +118,28 @@ def fresh_views(url: str) -> None:
                 conn.execute(f'DROP TABLE "{schema}"."{name}"')
 
 
-def in_subprocess(kind: str, url: str, batch: int) -> dict[str, float]:
-    output = subprocess.run([sys.executable, __file__, "--measure", kind, "--url", url, "--batch", str(batch)],
-                            check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(output)
+def in_subprocesses(kind: str, url: str, batch: int) -> dict[str, float]:
+    """One pass of ``kind`` in a fresh process; a catch-up in a process per views database, all at once."""
+    views: list[str | None] = [None]
+    if kind == "catch-up":
+        from projections.database import open_view_databases
+        from projections.views import VIEWS
+
+        # As `broker-q projections run` does: a process per database, each named by its first view.
+        views = [database.views[0] for database in open_view_databases(url, VIEWS)]
+    processes = [subprocess.Popen([sys.executable, __file__, "--measure", kind, "--url", url, "--batch", str(batch),
+                                   *(["--view", view] if view else [])],
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT) for view in views]
+    results = []
+    for process in processes:
+        output, _ = process.communicate()
+        if process.returncode:
+            raise SystemExit(f"{kind} pass failed with exit code {process.returncode}")
+        results.append(json.loads(output))
+    began, ended = min(r["began"] for r in results), max(r["ended"] for r in results)
+    return {"events": max(r["events"] for r in results), "seconds": ended - began,
+            "peak_mib": sum(r["peak_mib"] for r in results), "peaks_mib": [r["peak_mib"] for r in results],
+            "each_seconds": [r["seconds"] for r in results], "processes": len(results)}
 
 
 def bench_store(label: str, url: str, n_events: int, runs: int, batch: int) -> list[str]:
@@ -124,10 +151,13 @@ def bench_store(label: str, url: str, n_events: int, runs: int, batch: int) -> l
         for kind in results:
             if kind == "catch-up":
                 fresh_views(url)
-            result = in_subprocess(kind, url, batch)
+            result = in_subprocesses(kind, url, batch)
             results[kind].append(result)
-            print(f"{label} run {run + 1} {kind}: {result['events'] / result['seconds']:,.0f} events/s, "
-                  f"peak {result['peak_mib']:.0f} MiB", file=sys.stderr)
+            peaks = " + ".join(f"{peak:.0f}" for peak in result["peaks_mib"])
+            each = " and ".join(f"{seconds:.1f}s" for seconds in result["each_seconds"])
+            print(f"{label} run {run + 1} {kind}: {result['events']:,} events in {result['seconds']:.1f}s, "
+                  f"{result['events'] / result['seconds']:,.0f} events/s, {result['processes']} process(es) "
+                  f"taking {each}, peak {peaks} MiB", file=sys.stderr)
     rates = {kind: [r["events"] / r["seconds"] for r in rs] for kind, rs in results.items()}
     raw = statistics.median(rates["raw"])
     rows = []
@@ -146,15 +176,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--view", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.measure:
-        print(json.dumps(measure(options.measure, options.url, options.batch)))
+        print(json.dumps(measure(options.measure, options.url, options.batch, options.view)))
         return
     rows = []
     if options.sqlite_events:
-        url = f"sqlite:///{tempfile.mkdtemp(prefix='bq-bench-')}/store.sqlite"
-        rows += bench_store(f"sqlite, {options.sqlite_events:,} events", url, options.sqlite_events, options.runs,
-                            options.batch)
+        directory = tempfile.mkdtemp(prefix="bq-bench-")
+        try:
+            rows += bench_store(f"sqlite, {options.sqlite_events:,} events", f"sqlite:///{directory}/store.sqlite",
+                                options.sqlite_events, options.runs, options.batch)
+        finally:
+            shutil.rmtree(directory)  # a million events and their views: 0.8 GB
     if options.postgres_events:
         schema = f"bench_{uuid.uuid4().hex[:8]}"
         url = f"{PG_DSN}?schema={schema}"
@@ -167,7 +201,7 @@ def main() -> None:
             with psycopg.connect(PG_DSN, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     print(f"\n{options.runs} interleaved runs, batches of {options.batch}, medians (min-max)\n")
-    print("| store | pass | events/s | ratio to raw read | peak RSS MiB |")
+    print("| store | pass | events/s | ratio to raw read | peak RSS MiB (sum of processes) |")
     print("|---|---|---:|---:|---:|")
     print("\n".join(rows))
 

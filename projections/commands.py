@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,11 +16,13 @@ from typing import Any
 from broker_q.app import App
 from broker_q.domain.task import TaskStatus
 from broker_q.errors import DomainError, StoreError, ValidationError
+from broker_q.store.port import EventStore
 from projections.cli import parse_time
-from projections.database import open_view_database
+from projections.database import ViewDatabases, open_view_database, open_view_databases
 from projections.metrics import registry_for, serve_metrics
 from projections.queries import AuditQuery, audit, dead_letters, queues, status, tasks
-from projections.runner import ProjectionRunner
+from projections.runner import ProjectionRunner, runners
+from projections.supervisor import Supervisor, stop_when_stdin_closes
 from projections.views import VIEWS
 
 __all__ = ["add_view_commands", "run_projections"]
@@ -42,11 +45,15 @@ def add_view_commands(
                                   description="run, inspect and rebuild the views")
     actions = group.add_subparsers(required=True, metavar="ACTION")
     sub = command(actions, "run", lambda options: serve(options, lambda stop: [run_projections(
-        _app(options), stop, metrics_port=options.metrics_port, metrics_host=options.metrics_host)]),
+        _app(options), stop, metrics_port=options.metrics_port, metrics_host=options.metrics_host,
+        views=options.views), *([stop_when_stdin_closes(stop)] if options.supervised else [])]),
         "follow the event log and keep every view up to date")
+    sub.add_argument("--view", action="append", dest="views", choices=sorted(VIEWS), metavar="NAME",
+                     help="only this view (repeatable; default every view: on SQLite, a process each)")
     sub.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     sub.add_argument("--metrics-host", default="127.0.0.1")
     sub.add_argument("-v", "--verbose", action="store_true")
+    sub.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)  # stop when stdin closes
     sub = command(actions, "status", _status, "each view's position, lag and last update")
     sub.add_argument("--json", action="store_true")
     sub = command(actions, "rebuild", _rebuild, "rebuild views from the event log, beside the live ones")
@@ -104,18 +111,39 @@ def _app(options: argparse.Namespace) -> App:
 
 
 async def run_projections(app: App, stop: asyncio.Event, *, metrics_port: int | None = None,
-                          metrics_host: str = "127.0.0.1") -> None:
-    """Keep every view up to date until ``stop`` is set; serve metrics if a port is given."""
+                          metrics_host: str = "127.0.0.1", views: Sequence[str] | None = None) -> None:
+    """Keep every view (or ``views``) up to date until ``stop`` is set; serve metrics if a port is given.
+
+    Views that share a database (PostgreSQL, ``memory://``) are applied by one runner in this process.
+    Views in databases of their own (a file per view on SQLite) are applied each by a process of its
+    own, ``broker-q projections run --view NAME``, which this one starts and supervises
+    (:mod:`projections.supervisor`): it raises :class:`~projections.supervisor.ProjectionProcessesFailing`
+    if one of them keeps exiting.
+    """
     store = await asyncio.to_thread(lambda: app.store)
-    database = open_view_database(app.settings.store)
-    runner = ProjectionRunner(store, database)
+    url = app.settings.store
+    databases = open_view_databases(url, views or VIEWS)
     try:
         if metrics_port is not None:
-            await asyncio.to_thread(runner.setup)
-            serve_metrics(registry_for(database, store), metrics_port, metrics_host)
-        await runner.run(stop, store_url=app.settings.store)
+            await asyncio.to_thread(_set_up, databases, store)
+            serve_metrics(registry_for(databases, store), metrics_port, metrics_host)
+        if len(databases) == 1:
+            await ProjectionRunner(store, next(iter(databases))).run(stop, store_url=url)
+            return
+        verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.DEBUG) else []
+        await Supervisor({
+            view: [sys.executable, "-m", "broker_q.cli", "--store", url, "projections", "run", "--view", view,
+                   "--supervised", *verbose]
+            for view in databases.views
+        }).run(stop)
     finally:
-        database.close()
+        databases.close()
+
+
+def _set_up(databases: ViewDatabases, store: EventStore) -> None:
+    """Create every view's tables and position (idempotent): queries and metrics work before a first batch."""
+    for runner in runners(store, databases):
+        runner.setup()
 
 
 def _print_json(value: Any) -> None:
@@ -124,10 +152,9 @@ def _print_json(value: Any) -> None:
 
 def _status(options: argparse.Namespace) -> int:
     app = _app(options)
-    database = open_view_database(app.settings.store)
-    runner = ProjectionRunner(app.store, database)
-    runner.setup()
-    views = status(database, app.store)
+    with open_view_databases(app.settings.store, VIEWS) as databases:
+        _set_up(databases, app.store)
+        views = status(databases, app.store)
     if options.json:
         _print_json([asdict(v) for v in views])
         return 0
@@ -142,15 +169,17 @@ def _status(options: argparse.Namespace) -> int:
 
 def _rebuild(options: argparse.Namespace) -> int:
     app = _app(options)
-    database = open_view_database(app.settings.store)
-    runner = ProjectionRunner(app.store, database)
-    runner.setup()
-    names = sorted(VIEWS) if options.all else [options.name]
-    for name in names:
-        started = time.monotonic()
-        bar = _ProgressBar(name)
-        applied = runner.rebuild(name, progress=bar.update)
-        bar.done()
+    for name in sorted(VIEWS) if options.all else [options.name]:
+        database = open_view_database(app.settings.store, name)
+        try:
+            runner = ProjectionRunner(app.store, database, [VIEWS[name]])
+            runner.setup()
+            started = time.monotonic()
+            bar = _ProgressBar(name)
+            applied = runner.rebuild(name, progress=bar.update)
+            bar.done()
+        finally:
+            database.close()
         elapsed = time.monotonic() - started
         print(f"{name}: rebuilt from {applied:,} events in {elapsed:.1f}s "
               f"({applied / elapsed if elapsed else 0:,.0f} events/s)")
@@ -188,7 +217,8 @@ class _ProgressBar:
 
 def _queues(options: argparse.Namespace) -> int:
     app = _app(options)
-    summaries = queues(open_view_database(app.settings.store), tenant=options.tenant)
+    with open_view_databases(app.settings.store, ["tasks"]) as databases:
+        summaries = queues(databases, tenant=options.tenant)
     if options.json:
         _print_json([asdict(s) for s in summaries])
         return 0
@@ -203,15 +233,16 @@ def _queues(options: argparse.Namespace) -> int:
 
 def _tasks(options: argparse.Namespace) -> int:
     app = _app(options)
-    page = tasks(open_view_database(app.settings.store), queue=options.queue, state=options.state,
-                 tenant=options.tenant, limit=options.limit, after=options.after)
+    with open_view_databases(app.settings.store, ["tasks"]) as databases:
+        page = tasks(databases, queue=options.queue, state=options.state, tenant=options.tenant,
+                     limit=options.limit, after=options.after)
     return _print_page(page.items, page.next, options.json)
 
 
 def _dlq_list(options: argparse.Namespace) -> int:
     app = _app(options)
-    page = dead_letters(open_view_database(app.settings.store), tenant=options.tenant, limit=options.limit,
-                        after=options.after)
+    with open_view_databases(app.settings.store, ["tasks"]) as databases:
+        page = dead_letters(databases, tenant=options.tenant, limit=options.limit, after=options.after)
     return _print_page(page.items, page.next, options.json)
 
 
@@ -257,9 +288,9 @@ def _dead_letters_now(app: App, *, task: str | None, since: datetime | None,
     beside a running projections process is safe: a batch and the view's position commit together
     under the views' write lock, so each event is applied once, whichever runner applies it.
     """
-    database = open_view_database(app.settings.store)
+    databases = open_view_databases(app.settings.store, ["tasks"])
     try:
-        runner = ProjectionRunner(app.store, database, [VIEWS["tasks"]])
+        runner = ProjectionRunner(app.store, databases.of("tasks"), [VIEWS["tasks"]])
         try:
             runner.setup()
             head = app.store.max_position()
@@ -273,13 +304,13 @@ def _dead_letters_now(app: App, *, task: str | None, since: datetime | None,
         selected: list[dict[str, Any]] = []
         after: str | None = None
         while True:
-            page = dead_letters(database, tenant=tenant, task=task, since=since, limit=1000, after=after)
+            page = dead_letters(databases, tenant=tenant, task=task, since=since, limit=1000, after=after)
             selected += page.items
             if page.next is None:
                 return selected
             after = page.next
     finally:
-        database.close()
+        databases.close()
 
 
 def _print_page(items: Sequence[dict[str, Any]], following: str | None, as_json: bool) -> int:
@@ -299,7 +330,8 @@ def _audit(options: argparse.Namespace) -> int:
     app = _app(options)
     query = AuditQuery(tenant=options.tenant, actor=options.actor, task=options.task, types=options.types or (),
                        since=parse_time(options.since, "--since"), until=parse_time(options.until, "--until"))
-    records = audit(open_view_database(app.settings.store), query, limit=options.limit, after=options.after)
+    with open_view_databases(app.settings.store, ["audit"]) as databases:
+        records = audit(databases, query, limit=options.limit, after=options.after)
     for record in records:
         if options.format == "json":
             print(json.dumps(record))

@@ -14,41 +14,45 @@ The registry is our own (never the global one), and every name starts with ``bro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from broker_q.store.port import EventStore
-from projections.database import ViewDatabase
-from projections.queries import status_in
+from projections.database import Cursor, ViewDatabases
+from projections.queries import ViewStatus, status_in
 from projections.views import BUCKETS, table
 
 __all__ = ["ViewsCollector", "exposition", "registry_for", "serve_metrics"]
 
 
 class ViewsCollector(Collector):
-    def __init__(self, database: ViewDatabase, store: EventStore) -> None:
-        self._database = database
+    """Reads every view's database at each scrape: the tasks view's for the task metrics, each for its
+    views' positions (on SQLite a view per file, so these may be written by other processes)."""
+
+    def __init__(self, databases: ViewDatabases, store: EventStore) -> None:
+        self._databases = databases
         self._store = store
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        # The positions are read in the same transaction as the data, so a scrape never shows a
-        # position past the data it shows.
-        with self._database.transaction(write=False) as cursor:
-            views = status_in(cursor, self._store)
-            generation = next((v.generation for v in views if v.name == "tasks"), None)
-            if generation is None:
-                return
-            cursor.execute(f"SELECT tenant, queue, task, outcome, count FROM {table('outcomes', generation)} "
-                           "ORDER BY tenant, queue, task, outcome")
-            outcomes = cursor.fetchall()
-            cursor.execute(f"SELECT tenant, queue, state, count FROM {table('queue_counts', generation)} "
-                           "ORDER BY tenant, queue, state")
-            counts = cursor.fetchall()
-            cursor.execute(f"SELECT metric, tenant, queue, bucket, count, total FROM {table('durations', generation)} "
-                           "ORDER BY metric, tenant, queue, bucket")
-            durations = cursor.fetchall()
+        views: list[ViewStatus] = []
+        outcomes: list[Any] = []
+        counts: list[Any] = []
+        durations: list[Any] = []
+        for database in self._databases:
+            # A view's position is read in the same transaction as its data, so a scrape never shows
+            # a position past the data it shows.
+            with database.transaction(write=False) as cursor:
+                found = status_in(cursor, self._store, database.views)
+                views += found
+                generation = next((v.generation for v in found if v.name == "tasks"), None)
+                if generation is not None:
+                    outcomes, counts, durations = _task_rows(cursor, generation)
+        views.sort(key=lambda view: view.name)
+        if not views:
+            return
 
         finished = CounterMetricFamily("broker_q_tasks", "Tasks that finished, by outcome",
                                        labels=["tenant", "queue", "task", "outcome"])
@@ -96,13 +100,26 @@ class ViewsCollector(Collector):
         yield lag_seconds
 
 
+def _task_rows(cursor: Cursor, generation: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """The outcome counters, the counts of tasks in each state and the duration histograms' cells."""
+    cursor.execute(f"SELECT tenant, queue, task, outcome, count FROM {table('outcomes', generation)} "
+                   "ORDER BY tenant, queue, task, outcome")
+    outcomes = cursor.fetchall()
+    cursor.execute(f"SELECT tenant, queue, state, count FROM {table('queue_counts', generation)} "
+                   "ORDER BY tenant, queue, state")
+    counts = cursor.fetchall()
+    cursor.execute(f"SELECT metric, tenant, queue, bucket, count, total FROM {table('durations', generation)} "
+                   "ORDER BY metric, tenant, queue, bucket")
+    return outcomes, counts, cursor.fetchall()
+
+
 def _bound(value: float) -> str:
     return repr(value)
 
 
-def registry_for(database: ViewDatabase, store: EventStore) -> CollectorRegistry:
+def registry_for(databases: ViewDatabases, store: EventStore) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ViewsCollector(database, store))
+    registry.register(ViewsCollector(databases, store))
     return registry
 
 

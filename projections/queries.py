@@ -1,8 +1,10 @@
 """Queries on the views: what the CLI shows and the HTTP API will serve.
 
-Every query runs in one read transaction that first looks up the live generation of the view, so
-a rebuild swapping generations never shows a query half of each. Pages are keyset-paginated: a
-page returns ``next``, the cursor to pass as ``after`` for the following page.
+Queries are given the views' databases (:class:`~projections.database.ViewDatabases`) and read the
+database of the view they query. Every query runs in one read transaction that first looks up the
+live generation of the view, so a rebuild swapping generations never shows a query half of each.
+Pages are keyset-paginated: a page returns ``next``, the cursor to pass as ``after`` for the
+following page.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 
 from broker_q.errors import StoreError, ValidationError
 from broker_q.store.port import EventStore
-from projections.database import Cursor, ViewDatabase, open_view_database
+from projections.database import Cursor, ViewDatabases, open_view_databases
 from projections.runner import REGISTRY
 from projections.views import DEAD_STATES, WAITING_STATES, table, task_key
 
@@ -75,14 +77,15 @@ def _generation(cursor: Cursor, view: str) -> int:
     return int(row[0])
 
 
-def _query(database: ViewDatabase, view: str, work: Callable[[Cursor, int], T]) -> T:
-    """Run ``work(cursor, live generation)`` in one read transaction.
+def _query(databases: ViewDatabases, view: str, work: Callable[[Cursor, int], T]) -> T:
+    """Run ``work(cursor, live generation)`` in one read transaction on the database of ``view``.
 
     A rebuild may drop the tables of a generation that a query has just looked up (PostgreSQL reads
     the catalog afresh at each statement): the query then runs again on the new generation. On
     PostgreSQL the drop can also deadlock with a query that holds one of the tables and waits for
     another (the server then aborts one of the two): the query runs again too.
     """
+    database = databases.of(view)
     for attempt in range(3):
         try:
             with database.transaction(write=False) as cursor:
@@ -96,7 +99,7 @@ def _query(database: ViewDatabase, view: str, work: Callable[[Cursor, int], T]) 
     raise AssertionError("unreachable")
 
 
-def queues(database: ViewDatabase, *, tenant: str | None = None, now: float | None = None) -> list[QueueSummary]:
+def queues(databases: ViewDatabases, *, tenant: str | None = None, now: float | None = None) -> list[QueueSummary]:
     """Per tenant and queue: tasks in each state, and how long the oldest ready task has waited."""
     now = time.time() if now is None else now
     where, params = ("WHERE tenant = ?", [tenant]) if tenant else ("", [])
@@ -117,7 +120,7 @@ def queues(database: ViewDatabase, *, tenant: str | None = None, now: float | No
                 oldest[(row_tenant, queue)] = float(value)
         return summaries, oldest
 
-    summaries, oldest = _query(database, "tasks", work)
+    summaries, oldest = _query(databases, "tasks", work)
     return [QueueSummary(t, q, counts, None if (t, q) not in oldest else max(0.0, now - oldest[(t, q)]))
             for (t, q), counts in summaries.items()]
 
@@ -127,7 +130,7 @@ class WaitingTasks:
     the queue view: what a tenant's ``max_waiting`` quota is checked against."""
 
     def __init__(self, store_url: str) -> None:
-        self._database = open_view_database(store_url)
+        self._databases = open_view_databases(store_url, ["tasks"])
 
     def __call__(self, tenant: str) -> int:
         states = sorted(WAITING_STATES)
@@ -137,14 +140,14 @@ class WaitingTasks:
                            f"WHERE tenant = ? AND state IN ({', '.join('?' * len(states))})", [tenant, *states])
             return int(cursor.fetchone()[0])
 
-        return _query(self._database, "tasks", work)
+        return _query(self._databases, "tasks", work)
 
     def close(self) -> None:
-        self._database.close()
+        self._databases.close()
 
 
 def tasks(
-    database: ViewDatabase,
+    databases: ViewDatabases,
     *,
     queue: str,
     state: str,
@@ -157,10 +160,10 @@ def tasks(
     if tenant:
         conditions.append("tenant = ?")
         params.append(tenant)
-    return _task_page(database, conditions, params, "ready_at", limit, after)
+    return _task_page(databases, conditions, params, "ready_at", limit, after)
 
 
-def dead_letters(database: ViewDatabase, *, tenant: str | None = None, task: str | None = None,
+def dead_letters(databases: ViewDatabases, *, tenant: str | None = None, task: str | None = None,
                  since: datetime | None = None, limit: int = 50, after: str | None = None) -> Page:
     """Tasks that will not run again by themselves, most recent first; ``task`` and ``since`` keep
     those of that task name, and those dead-lettered at ``since`` or later."""
@@ -175,10 +178,10 @@ def dead_letters(database: ViewDatabase, *, tenant: str | None = None, task: str
     if since is not None:
         conditions.append("finished_at >= ?")
         params.append(since.timestamp())
-    return _task_page(database, conditions, params, "finished_at", limit, after, descending=True)
+    return _task_page(databases, conditions, params, "finished_at", limit, after, descending=True)
 
 
-def task(database: ViewDatabase, task_id: str) -> dict[str, Any] | None:
+def task(databases: ViewDatabases, task_id: str) -> dict[str, Any] | None:
     """The task view's row of one task."""
     key = _task_key(task_id)
 
@@ -186,11 +189,11 @@ def task(database: ViewDatabase, task_id: str) -> dict[str, Any] | None:
         cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table('tasks', generation)} WHERE task_id = ?", (key,))
         return cursor.fetchone()
 
-    row = _query(database, "tasks", work)
+    row = _query(databases, "tasks", work)
     return None if row is None else _task_row(row)
 
 
-def _task_page(database: ViewDatabase, conditions: list[str], params: list[Any], order: str, limit: int,
+def _task_page(databases: ViewDatabases, conditions: list[str], params: list[Any], order: str, limit: int,
                after: str | None, *, descending: bool = False) -> Page:
     if not 1 <= limit <= 1000:
         raise ValidationError("limit must be between 1 and 1000")
@@ -205,7 +208,7 @@ def _task_page(database: ViewDatabase, conditions: list[str], params: list[Any],
                        f"LIMIT ?", [*params, limit + 1])
         return cursor.fetchall()
 
-    rows = _query(database, "tasks", work)
+    rows = _query(databases, "tasks", work)
     items = [_task_row(row) for row in rows[:limit]]
     following = None
     if len(rows) > limit:
@@ -252,7 +255,7 @@ class AuditQuery:
     until: datetime | None = None
 
 
-def audit(database: ViewDatabase, query: AuditQuery, *, limit: int = 100, after: int | None = None) -> list[
+def audit(databases: ViewDatabases, query: AuditQuery, *, limit: int = 100, after: int | None = None) -> list[
         dict[str, Any]]:
     """Audit records in log order, filtered; ``after`` is the last position already seen."""
     if not 1 <= limit <= 100_000:
@@ -285,7 +288,7 @@ def audit(database: ViewDatabase, query: AuditQuery, *, limit: int = 100, after:
                        f"FROM {table('audit', generation)} {where} ORDER BY position LIMIT ?", [*params, limit])
         return cursor.fetchall()
 
-    rows = _query(database, "audit", work)
+    rows = _query(databases, "audit", work)
     return [{"position": position, "time": _iso(at), "tenant": tenant, "actor": actor,
              "stream_id": str(uuid.UUID(stream_id)), "task_id": None if task_id is None else str(uuid.UUID(task_id)),
              "type": kind, "summary": text} for position, at, tenant, actor, stream_id, task_id, kind, text in rows]
@@ -303,21 +306,24 @@ class ViewStatus:
     rebuilding: dict[str, int] | None = field(default=None)
 
 
-def status(database: ViewDatabase, store: EventStore) -> list[ViewStatus]:
+def status(databases: ViewDatabases, store: EventStore) -> list[ViewStatus]:
     """Each view's position, its lag behind the store (events and seconds) and its last update."""
-    try:
-        with database.transaction(write=False) as cursor:
-            return status_in(cursor, store)
-    except StoreError as e:
-        if REGISTRY in str(e):
-            raise ValidationError(_NEVER_BUILT) from None
-        raise
+    found: list[ViewStatus] = []
+    for database in databases:
+        try:
+            with database.transaction(write=False) as cursor:
+                found += status_in(cursor, store, database.views)
+        except StoreError as e:
+            if REGISTRY in str(e):
+                raise ValidationError(_NEVER_BUILT) from None
+            raise
+    return sorted(found, key=lambda view: view.name)
 
 
-def status_in(cursor: Cursor, store: EventStore) -> list[ViewStatus]:
-    """:func:`status`, read with ``cursor`` (in the caller's transaction)."""
+def status_in(cursor: Cursor, store: EventStore, views: Sequence[str]) -> list[ViewStatus]:
+    """:func:`status` of ``views``, read with ``cursor`` (in the caller's transaction on their database)."""
     cursor.execute(f"SELECT name, generation, position, updated_at, event_time, building, building_position "
-                   f"FROM {REGISTRY} ORDER BY name")
+                   f"FROM {REGISTRY} WHERE name IN ({', '.join('?' * len(views))}) ORDER BY name", list(views))
     rows = cursor.fetchall()
     head = store.max_position()
     newest = None
@@ -356,7 +362,7 @@ class Activity:
     """Most recently seen first: ``worker`` (its id), ``last_seen`` (ISO 8601), ``events``."""
 
 
-def activity(database: ViewDatabase, *, since: float, slot_seconds: int, slots: int,
+def activity(databases: ViewDatabases, *, since: float, slot_seconds: int, slots: int,
              tenant: str | None = None) -> Activity:
     """Submissions and attempt outcomes per slot of ``slot_seconds`` from ``since`` (epoch seconds),
     and the workers seen since then, counted in the audit view (indexed by type and time)."""
@@ -377,7 +383,7 @@ def activity(database: ViewDatabase, *, since: float, slot_seconds: int, slots: 
                        "GROUP BY actor ORDER BY MAX(time) DESC LIMIT 100", [*_WORKER_TYPES, since, *params])
         return counted, cursor.fetchall()
 
-    counted, seen = _query(database, "audit", work)
+    counted, seen = _query(databases, "audit", work)
     table_of = [{"start": since + i * slot_seconds, **dict.fromkeys(types, 0)} for i in range(slots)]
     for kind, slot, count in counted:
         if 0 <= int(slot) < slots:
@@ -386,7 +392,7 @@ def activity(database: ViewDatabase, *, since: float, slot_seconds: int, slots: 
                                for actor, last, count in seen])
 
 
-def recent(database: ViewDatabase, *, type: str, tenant: str | None = None, limit: int = 50,
+def recent(databases: ViewDatabases, *, type: str, tenant: str | None = None, limit: int = 50,
            before: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Audit records of one event type, newest first, and the cursor of the next (older) page
     (``None`` on the last page); each record's ``cursor`` starts a page after it. Read by the index
@@ -415,7 +421,7 @@ def recent(database: ViewDatabase, *, type: str, tenant: str | None = None, limi
                        "ORDER BY time DESC, position DESC LIMIT ?", [*params, limit + 1])
         return cursor.fetchall()
 
-    rows = _query(database, "audit", work)
+    rows = _query(databases, "audit", work)
     records = [{"position": position, "time": _iso(at), "tenant": tenant_, "actor": actor,
                 "stream_id": str(uuid.UUID(stream_id)),
                 "task_id": None if task_id is None else str(uuid.UUID(task_id)), "type": kind, "summary": text,
@@ -424,7 +430,7 @@ def recent(database: ViewDatabase, *, type: str, tenant: str | None = None, limi
     return records, records[-1]["cursor"] if len(rows) > limit else None
 
 
-def tasks_by_id(database: ViewDatabase, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+def tasks_by_id(databases: ViewDatabases, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The task view's rows of these tasks (those it holds), by task id."""
     keys = [_task_key(task_id) for task_id in task_ids]
 
@@ -437,5 +443,5 @@ def tasks_by_id(database: ViewDatabase, task_ids: Sequence[str]) -> dict[str, di
             found += cursor.fetchall()
         return found
 
-    rows = [_task_row(row) for row in _query(database, "tasks", work)] if keys else []
+    rows = [_task_row(row) for row in _query(databases, "tasks", work)] if keys else []
     return {row["id"]: row for row in rows}

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from broker_q import App
 from broker_q.amqp.topology import Topology
 from broker_q.relay import Relay
+from broker_q.store import EventStore
 from broker_q.worker import Worker
+from projections.database import open_view_databases
+from projections.runner import BATCH_SIZE, runners
+from projections.views import VIEWS
 
 
 async def wait_for(
@@ -54,3 +59,40 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+def catch_up_views(store: EventStore, store_url: str, *, batch_size: int = BATCH_SIZE) -> None:
+    """Bring every view of the store at ``store_url`` up to the store's head, a runner per views database
+    (as ``broker-q projections run`` does, in one process)."""
+    with open_view_databases(store_url, VIEWS) as databases:
+        for runner in runners(store, databases, batch_size=batch_size):
+            try:
+                runner.setup()
+                runner.catch_up()
+            finally:
+                runner.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone since the directory was listed
+        # The command name, in parentheses, may hold spaces: the fields after it are split safely.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

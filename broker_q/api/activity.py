@@ -96,7 +96,7 @@ def get_activity(
     slots = max(1, -(-minutes * 60 // slot_seconds))
     now = time.time()
     since = (now // slot_seconds + 1 - slots) * slot_seconds
-    found = activity(caller.context.view("audit"), since=since, slot_seconds=slot_seconds, slots=slots, tenant=scope)
+    found = activity(caller.context.views, since=since, slot_seconds=slot_seconds, slots=slots, tenant=scope)
     return ActivityView.model_validate({
         "since": datetime.fromtimestamp(since, UTC), "slot_seconds": slot_seconds, "workers": found.workers,
         "slots": [{**slot, "start": datetime.fromtimestamp(slot["start"], UTC)} for slot in found.slots],
@@ -118,12 +118,12 @@ def recent_tasks(
     a dead letter and why, say). With ``queue``, a page may hold fewer than ``limit`` tasks while
     ``next`` says older ones remain."""
     scope = caller.authorize(Permission.READ, tenant, "list recent tasks")
-    audit_view, tasks_view = caller.context.view("audit"), caller.context.view("tasks")
+    views = caller.context.views
     items: list[dict[str, Any]] = []
     cursor = before
     for _ in range(_SCAN_PAGES):
-        records, following = recent(audit_view, type=event, tenant=scope, limit=limit, before=cursor)
-        rows = tasks_by_id(tasks_view, [str(record["task_id"]) for record in records])
+        records, following = recent(views, type=event, tenant=scope, limit=limit, before=cursor)
+        rows = tasks_by_id(views, [str(record["task_id"]) for record in records])
         for record in records:
             row = rows.get(str(record["task_id"]))
             if row is not None and (queue is None or row["queue"] == queue):
@@ -143,6 +143,6 @@ def recent_tasks(
 def recent_workflows(caller: CallerDep, tenant: Tenant = None, before: Cursor = None,
                      limit: Limit = 50) -> RecentWorkflows:
     scope = caller.authorize(Permission.READ, tenant, "list recent workflows")
-    records, following = recent(caller.context.view("audit"), type="workflow_submitted", tenant=scope, limit=limit,
+    records, following = recent(caller.context.views, type="workflow_submitted", tenant=scope, limit=limit,
                                 before=before)
     return RecentWorkflows.model_validate({"items": records, "next": following})

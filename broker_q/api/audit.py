@@ -18,7 +18,7 @@ from broker_q.api.errors import errors
 from broker_q.api.models import AuditPage, AuditRecord
 from broker_q.api.params import MAX_POSITION, Tenant, Time, aware
 from broker_q.errors import ValidationError
-from projections.database import ViewDatabase
+from projections.database import ViewDatabases
 from projections.queries import AuditQuery, audit
 
 __all__ = ["router"]
@@ -56,18 +56,18 @@ def audit_log(
     scope = caller.authorize(Permission.AUDIT, tenant, "read the audit log")
     query = AuditQuery(tenant=scope, actor=actor, task=None if task is None else str(task), types=type or (),
                        since=aware(since), until=aware(until))
-    database = caller.context.view("audit")
+    views = caller.context.views
     if format == "jsonl":
-        return StreamingResponse(_lines(database, query, after, limit), media_type=_JSON_LINES)
+        return StreamingResponse(_lines(views, query, after, limit), media_type=_JSON_LINES)
     size = PAGE if limit is None else limit
     if size > MAX_PAGE:
         raise ValidationError(f"limit: a JSON page holds at most {MAX_PAGE} records (format=jsonl streams more)")
-    records = audit(database, query, limit=size, after=after)
+    records = audit(views, query, limit=size, after=after)
     return AuditPage.model_validate({"items": records,
                                      "next": records[-1]["position"] if len(records) == size else None})
 
 
-def _lines(database: ViewDatabase, query: AuditQuery, after: int | None, limit: int | None) -> Iterator[bytes]:
+def _lines(database: ViewDatabases, query: AuditQuery, after: int | None, limit: int | None) -> Iterator[bytes]:
     """Each record as a line, read a page at a time: an export of any size never sits in memory."""
     left = limit
     while left is None or left > 0:

@@ -1,8 +1,8 @@
 """What every endpoint works with: the App, and the view databases, opened once per API.
 
-Every access of the API to a view's database goes through this module: :func:`open_view` is the one
-place a view's database is opened; :meth:`Context.view` hands out each view's handle, shared by the
-requests (a handle serialises its transactions); :meth:`Context.metrics` and
+Every access of the API to the views goes through this module: :func:`open_views` is the one place
+the views' databases are opened; :meth:`Context.views` hands them out, shared by the requests (a
+database's handle serialises its transactions); :meth:`Context.metrics` and
 :meth:`Context.view_status` read the views' positions.
 """
 
@@ -14,19 +14,19 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from broker_q.app import App
-from projections.database import ViewDatabase, open_view_database
+from projections.database import ViewDatabases, open_view_databases
 from projections.metrics import registry_for
 from projections.queries import ViewStatus, status
-from projections.runner import ProjectionRunner
+from projections.runner import runners
 from projections.views import VIEWS
 
-__all__ = ["Context", "open_view"]
+__all__ = ["Context", "open_views"]
 
 
-def open_view(store_url: str, view: str) -> ViewDatabase:
-    """The database that holds ``view`` (a name of :data:`projections.views.VIEWS`) of the store at
-    ``store_url``. Today every view of a store shares one database."""
-    return open_view_database(store_url)
+def open_views(store_url: str) -> ViewDatabases:
+    """The databases of every view of :data:`projections.views.VIEWS` of the store at ``store_url``
+    (on SQLite a file per view, elsewhere one database for all)."""
+    return open_view_databases(store_url, VIEWS)
 
 
 @dataclass
@@ -34,30 +34,31 @@ class Context:
     app: App
     public_metrics: bool = False
     """Serve ``/metrics`` without a token (for a Prometheus that scrapes without one)."""
-    _views: dict[str, ViewDatabase] = field(default_factory=dict)
+    _views: ViewDatabases | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def view(self, name: str) -> ViewDatabase:
-        """The database of view ``name``, its tables created if no projection has run yet (so that
-        a query finds the view empty rather than missing)."""
+    @property
+    def views(self) -> ViewDatabases:
+        """The views' databases, their tables created if no projection has run yet (so that a query
+        finds a view empty rather than missing)."""
         with self._lock:
-            database = self._views.get(name)
-            if database is None:
-                database = open_view(self.app.settings.store, name)
-                ProjectionRunner(self.app.store, database, [VIEWS[name]]).setup()
-                self._views[name] = database
-            return database
+            if self._views is None:
+                databases = open_views(self.app.settings.store)
+                for runner in runners(self.app.store, databases):
+                    runner.setup()
+                self._views = databases
+            return self._views
 
     def metrics(self) -> CollectorRegistry:
         """The projection metrics, read from the views at each collection (as ``--metrics-port`` serves them)."""
-        return registry_for(self.view("tasks"), self.app.store)
+        return registry_for(self.views, self.app.store)
 
     def view_status(self) -> list[ViewStatus]:
         """Each view's position and lag (as ``broker-q projections status`` shows them)."""
-        return status(self.view("tasks"), self.app.store)
+        return status(self.views, self.app.store)
 
     def close(self) -> None:
         with self._lock:
-            for database in self._views.values():
-                database.close()
-            self._views.clear()
+            if self._views is not None:
+                self._views.close()
+                self._views = None

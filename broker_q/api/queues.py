@@ -37,7 +37,7 @@ def _page(caller: Caller, page: Page) -> TaskPage:
 def list_queues(caller: CallerDep, tenant: Tenant = None) -> list[QueueSummary]:
     """Per tenant and queue: how many tasks are in each state, and how long the oldest ready one has waited."""
     scope = caller.authorize(Permission.READ, tenant, "list queues")
-    found = queues(caller.context.view("tasks"), tenant=scope)
+    found = queues(caller.context.views, tenant=scope)
     return [QueueSummary.model_validate(summary, from_attributes=True) for summary in found]
 
 
@@ -53,7 +53,7 @@ def queue_tasks(
 ) -> TaskPage:
     """The tasks of ``queue`` in ``state``, oldest first (by the time they became ready)."""
     scope = caller.authorize(Permission.READ, tenant, f"list the tasks of queue {queue}")
-    return _page(caller, tasks(caller.context.view("tasks"), queue=queue, state=state.value, tenant=scope,
+    return _page(caller, tasks(caller.context.views, queue=queue, state=state.value, tenant=scope,
                                limit=limit, after=after))
 
 
@@ -68,7 +68,7 @@ def list_dead_letters(
 ) -> TaskPage:
     """Tasks that will not run again by themselves, most recent first."""
     scope = caller.authorize(Permission.READ, tenant, "list dead letters")
-    return _page(caller, dead_letters(caller.context.view("tasks"), tenant=scope, task=task, since=aware(since),
+    return _page(caller, dead_letters(caller.context.views, tenant=scope, task=task, since=aware(since),
                                       limit=limit, after=after))
 
 

@@ -12,9 +12,7 @@ import httpx
 from broker_q import App
 from broker_q.access import Role
 from broker_q.api import create_api
-from broker_q.api.context import open_view
-from projections.runner import ProjectionRunner
-from projections.views import VIEWS
+from tests.helpers import catch_up_views
 
 
 class Api:
@@ -63,12 +61,4 @@ async def api_for(app: App, **options: Any) -> AsyncIterator[Api]:
 
 def catch_up(app: App) -> None:
     """Bring every view up to the store's head (what `broker-q projections run` does continuously)."""
-    for name, view in VIEWS.items():
-        database = open_view(app.settings.store, name)
-        try:
-            runner = ProjectionRunner(app.store, database, [view])
-            runner.setup()
-            runner.catch_up()
-            runner.close()
-        finally:
-            database.close()
+    catch_up_views(app.store, app.settings.store)

@@ -23,8 +23,7 @@ from broker_q.domain.breaker import BreakerPolicy, BreakerStatus, status
 from broker_q.domain.events import BreakerClosed, BreakerFailureRecorded, BreakerOpened, BreakerProbeStarted
 from broker_q.store import open_store
 from broker_q.store.port import EventStore
-from projections.database import open_view_database
-from projections.runner import ProjectionRunner
+from tests.helpers import catch_up_views
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = BreakerPolicy(failure_threshold=5, window=60.0, open_for=30.0, probe_timeout=60.0)
@@ -162,11 +161,7 @@ def test_operator_opens_and_closes_a_breaker_from_the_command_line(durable_store
     store = open_store(url)
     try:
         assert [type(e) for e in Breakers(store).timeline("payments")] == [BreakerOpened, BreakerClosed]
-        database = open_view_database(url)
-        runner = ProjectionRunner(store, database)
-        runner.setup()
-        runner.catch_up()
-        database.close()
+        catch_up_views(store, url)
     finally:
         store.close()
     # The audit log says who forced the breaker and why, in its own words.

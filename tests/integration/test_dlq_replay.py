@@ -25,8 +25,7 @@ from broker_q.errors import DomainError
 from broker_q.store import open_store
 from broker_q.store.port import EventStore
 from projections import commands
-from projections.database import open_view_database
-from projections.runner import ProjectionRunner
+from tests.helpers import catch_up_views
 from tests.unit.test_replay import Story
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,11 +78,7 @@ def test_replay_all_selects_dead_letters_that_the_views_have_not_seen(durable_st
     story.start(ids["done"])
     story.succeed(ids["done"])
     store.append(story.log)
-    database = open_view_database(url)
-    runner = ProjectionRunner(store, database)
-    runner.setup()
-    runner.catch_up()  # the views have seen these; no projections process follows the log from here
-    database.close()
+    catch_up_views(store, url)  # the views have seen these; no projections process follows the log from here
     seen = len(story.log)
     ids["charge2"] = dead_letter(story)
     ids["globex"] = dead_letter(story, tenant="globex")

@@ -32,10 +32,9 @@ from broker_q.domain.events import KeysShredded, TaskDeadLettered, TaskReleased,
 from broker_q.domain.task import TaskStatus
 from broker_q.errors import KeysShredded as KeysShreddedError
 from broker_q.keys import Keys
-from projections.database import open_view_database
+from projections.database import open_view_databases
 from projections.queries import AuditQuery, audit
-from projections.runner import ProjectionRunner
-from tests.helpers import running, wait_for
+from tests.helpers import catch_up_views, running, wait_for
 
 ARGUMENT_MARK = "arg-mark-5d1e0c77"
 RESULT_MARK = "result-mark-9b34aa02"
@@ -114,14 +113,7 @@ def _stored(store_url: str) -> bytes:
 
 
 def _catch_up_views(app: App) -> None:
-    database = open_view_database(app.settings.store)
-    runner = ProjectionRunner(app.store, database)
-    try:
-        runner.setup()
-        runner.catch_up()
-    finally:
-        runner.close()
-        database.close()
+    catch_up_views(app.store, app.settings.store)
 
 
 @pytest.fixture
@@ -313,7 +305,8 @@ async def test_after_shredding_payloads_are_unreadable_tasks_fail_and_the_audit_
     assert [type(e) for e in shredding] == [KeysShredded]
     assert shredding[0].actor.startswith("operator:")
     await asyncio.to_thread(_catch_up_views, app)
-    records = audit(open_view_database(sqlite_url), AuditQuery(tenant="acme"), limit=100)
+    with open_view_databases(sqlite_url, ["audit"]) as databases:
+        records = audit(databases, AuditQuery(tenant="acme"), limit=100)
     assert [r["type"] for r in records] == ["submitted", "started", "succeeded", "submitted", "keys_shredded",
                                             "started", "dead_lettered"]
     capsys.readouterr()

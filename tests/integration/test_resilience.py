@@ -595,7 +595,9 @@ async def test_time_limits_stop_handlers_and_are_recorded(
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0.05)
 
-    app.task(name="stuck", isolation="process", time_limit=1.0)(isolated.stuck)
+    # The hard limit counts from the attempt's start, the child's start-up included: long enough
+    # for a loaded machine to start the child (its pid is asserted below), short next to its sleep.
+    app.task(name="stuck", isolation="process", time_limit=4.0)(isolated.stuck)
     app.task(name="pid", isolation="process")(isolated.pid)
 
     async with running(app, concurrency=4):

@@ -102,7 +102,7 @@ async def test_a_tenant_flooding_its_queue_does_not_starve_another(app: App) -> 
 def test_max_waiting_counts_the_tenants_waiting_tasks_in_the_views(sqlite_url: str) -> None:
     app = App(store=sqlite_url)
     app.tenants.set_quota("acme", max_waiting=3, actor="test")
-    database = open_view_database(sqlite_url)
+    database = open_view_database(sqlite_url, "tasks")
     runner = ProjectionRunner(app.store, database)
     runner.setup()
     for _ in range(3):

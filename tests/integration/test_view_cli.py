@@ -20,8 +20,7 @@ import pytest
 
 from broker_q.domain.events import Event
 from broker_q.store import open_store
-from projections.database import open_view_database
-from projections.runner import ProjectionRunner
+from tests.helpers import catch_up_views
 from tests.unit.test_replay import Story
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,11 +70,7 @@ def tell(url: str) -> Told:
     store = open_store(url)
     try:
         positions = store.append(story.log)
-        database = open_view_database(url)
-        runner = ProjectionRunner(store, database, batch_size=5)
-        runner.setup()
-        runner.catch_up()
-        database.close()
+        catch_up_views(store, url, batch_size=5)
     finally:
         store.close()
     return Told(url, story, positions, ids)

@@ -38,7 +38,7 @@ from broker_q.domain.task import TaskState
 from broker_q.errors import ValidationError
 from broker_q.store import EventStore, open_store
 from projections import queries
-from projections.database import ViewDatabase, open_view_database
+from projections.database import ViewDatabase, ViewDatabases, open_view_databases
 from projections.queries import AuditQuery
 from projections.runner import ProjectionRunner
 from projections.views import BUCKETS, VIEWS, table
@@ -52,25 +52,30 @@ _IDS = uuid.UUID("5c0f2a9e-1d3b-4e6f-8a7c-9b0d1e2f3a4b")
 
 @dataclass
 class Views:
-    """A memory:// store of its own, its views' database and a runner on them (set up)."""
+    """A memory:// store of its own, its views' database (one for every view) and a runner on them (set up)."""
 
     url: str
     store: EventStore
-    database: ViewDatabase
+    databases: ViewDatabases
     runner: ProjectionRunner
 
+    @property
+    def database(self) -> ViewDatabase:
+        (database,) = self.databases
+        return database
+
     def close(self) -> None:
-        self.database.close()
+        self.databases.close()
         self.store.close()
 
 
 def new_views() -> Views:
     url = f"memory:///{uuid.uuid4().hex}"
     store = open_store(url)
-    database = open_view_database(url)
-    runner = ProjectionRunner(store, database)
+    databases = open_view_databases(url, VIEWS)
+    runner = ProjectionRunner(store, databases.of("tasks"))
     runner.setup()
-    return Views(url, store, database, runner)
+    return Views(url, store, databases, runner)
 
 
 @pytest.fixture
@@ -404,10 +409,10 @@ def test_a_release_readies_a_task_unless_its_eta_is_later_even_if_stamped_before
     views.store.append(log)
     views.runner.catch_up()
     for task_id, (state, ready_at) in expected.items():
-        row = queries.task(views.database, str(task_id))
+        row = queries.task(views.databases, str(task_id))
         assert row is not None
         assert (row["state"], row["ready_at"]) == (state, datetime.fromtimestamp(ready_at, UTC).isoformat())
-    assert [s.counts for s in queries.queues(views.database)] == [{"ready": 5, "blocked": 1}]
+    assert [s.counts for s in queries.queues(views.databases)] == [{"ready": 5, "blocked": 1}]
 
 
 # -- applying: once, and resuming -----------------------------------------------------------------
@@ -422,15 +427,15 @@ def test_a_new_runner_resumes_where_the_last_one_stopped(views: Views) -> None:
     positions = views.store.append(story.log)
     views.runner.batch_size = 4
     assert views.runner.step() == 4
-    successor = ProjectionRunner(views.store, open_view_database(views.url), batch_size=3)
+    successor = ProjectionRunner(views.store, open_view_databases(views.url, VIEWS).of("tasks"), batch_size=3)
     successor.setup()
     assert successor.positions()["tasks"].position == positions[3]
     assert successor.catch_up() == len(positions) - 4
     assert successor.catch_up() == 0
     assert views.runner.step() == 0  # the first runner sees the second's positions: nothing twice
-    assert [(s.tenant, s.queue, s.counts) for s in queries.queues(views.database)] == [
+    assert [(s.tenant, s.queue, s.counts) for s in queries.queues(views.databases)] == [
         ("acme", "default", {"ready": 4, "started": 3})]
-    assert len(queries.audit(views.database, AuditQuery())) == len(positions)
+    assert len(queries.audit(views.databases, AuditQuery())) == len(positions)
 
 
 class Interleaving:
@@ -462,26 +467,27 @@ def test_a_batch_read_before_another_runner_committed_is_not_applied_again(views
     assert late.step() == 6
     assert {p.position for p in late.positions().values()} == {positions[5]}
     late.catch_up()
-    assert [s.counts for s in queries.queues(views.database)] == [{"started": 5}]
-    assert [r["position"] for r in queries.audit(views.database, AuditQuery())] == positions
+    assert [s.counts for s in queries.queues(views.databases)] == [{"started": 5}]
+    assert [r["position"] for r in queries.audit(views.databases, AuditQuery())] == positions
 
 
 def test_a_view_added_later_catches_up_without_touching_the_others() -> None:
     url = f"memory:///{uuid.uuid4().hex}"
-    store, database = open_store(url), open_view_database(url)
+    store, databases = open_store(url), open_view_databases(url, VIEWS)
+    database = databases.of("tasks")
     try:
         positions = store.append(story_of_ten().log)
         only_tasks = ProjectionRunner(store, database, [VIEWS["tasks"]], batch_size=5)
         only_tasks.setup()
         only_tasks.catch_up()
         assert set(only_tasks.positions()) == {"tasks"}
-        tasks_before = snapshot(Views(url, store, database, only_tasks), "tasks")
+        tasks_before = snapshot(Views(url, store, databases, only_tasks), "tasks")
         both = ProjectionRunner(store, database, batch_size=3)
         both.setup()
         assert both.positions()["audit"].position == 0
         assert both.catch_up() == len(positions)  # read again from 0 for the audit view alone
-        assert snapshot(Views(url, store, database, both), "tasks") == tasks_before
-        assert [r["position"] for r in queries.audit(database, AuditQuery())] == positions
+        assert snapshot(Views(url, store, databases, both), "tasks") == tasks_before
+        assert [r["position"] for r in queries.audit(databases, AuditQuery())] == positions
     finally:
         database.close()
         store.close()
@@ -494,7 +500,7 @@ def test_setup_is_idempotent_and_keeps_positions(views: Views) -> None:
     views.runner.catch_up()
     views.runner.setup()
     assert views.runner.positions()["tasks"].position == 1
-    assert [s.counts for s in queries.queues(views.database)] == [{"ready": 1}]
+    assert [s.counts for s in queries.queues(views.databases)] == [{"ready": 1}]
 
 
 # -- rebuilding -----------------------------------------------------------------------------------
@@ -516,17 +522,17 @@ def test_queries_answer_from_the_live_generation_during_a_rebuild(views: Views) 
     positions = views.store.append(story.log)
     views.runner.catch_up()
     now = (story.now + timedelta(seconds=5)).timestamp()
-    before = queries.queues(views.database, now=now)
-    one = queries.task(views.database, str(uuid.UUID(int=1)))
+    before = queries.queues(views.databases, now=now)
+    one = queries.task(views.databases, str(uuid.UUID(int=1)))
     seen: list[tuple[int, int, Any]] = []
 
     def progress(position: int, head: int) -> None:
         if position == head:  # the last call: see test_the_last_progress_call_can_query_the_views
             seen.append((position, head, None))
             return
-        assert queries.queues(views.database, now=now) == before
-        assert queries.task(views.database, str(uuid.UUID(int=1))) == one
-        rebuilding = {s.name: s.rebuilding for s in queries.status(views.database, views.store)}
+        assert queries.queues(views.databases, now=now) == before
+        assert queries.task(views.databases, str(uuid.UUID(int=1))) == one
+        rebuilding = {s.name: s.rebuilding for s in queries.status(views.databases, views.store)}
         seen.append((position, head, rebuilding["tasks"]))
         assert rebuilding["audit"] is None
 
@@ -537,8 +543,8 @@ def test_queries_answer_from_the_live_generation_during_a_rebuild(views: Views) 
     assert [p for p, _, _ in building] == positions[3::4]
     assert [r for _, _, r in building] == [{"generation": 2, "position": p} for p, _, _ in building]
     assert last == (positions[-1], positions[-1], None)
-    assert queries.status(views.database, views.store)[1].rebuilding is None
-    assert queries.queues(views.database, now=now) == before
+    assert queries.status(views.databases, views.store)[1].rebuilding is None
+    assert queries.queues(views.databases, now=now) == before
     assert views.runner.positions()["tasks"].generation == 2
     assert tables_of_generation(views.database, 1) == ["bq_audit_g1"]
 
@@ -549,7 +555,7 @@ def test_the_last_progress_call_can_query_the_views(views: Views) -> None:
     views.runner.catch_up()
     generations: list[int] = []
     views.runner.rebuild("tasks", progress=lambda position, head: generations.append(
-        {s.name: s.generation for s in queries.status(views.database, views.store)}["tasks"]))
+        {s.name: s.generation for s in queries.status(views.databases, views.store)}["tasks"]))
     assert generations[-1] == 2
 
 
@@ -564,13 +570,13 @@ def test_an_interrupted_rebuild_leaves_the_live_view_working_and_starts_again(vi
     views.runner.batch_size = 4
     with pytest.raises(RuntimeError, match="killed"):
         views.runner.rebuild("tasks", progress=crash)
-    status = {s.name: s for s in queries.status(views.database, views.store)}["tasks"]
+    status = {s.name: s for s in queries.status(views.databases, views.store)}["tasks"]
     assert (status.generation, status.rebuilding) == (1, {"generation": 2, "position": positions[3]})
     # The live view goes on following the log meanwhile.
     task = story.submit(tenant="initech")
     views.store.append(story.log[-1:])
     assert views.runner.step() == 1
-    assert queries.task(views.database, str(task))["state"] == "ready"  # type: ignore[index]
+    assert queries.task(views.databases, str(task))["state"] == "ready"  # type: ignore[index]
     live = snapshot(views, "tasks")
 
     views.runner.batch_size = 5
@@ -584,7 +590,7 @@ def test_an_interrupted_rebuild_leaves_the_live_view_working_and_starts_again(vi
 def test_rebuilding_an_empty_log_or_an_unknown_view(views: Views) -> None:
     assert views.runner.rebuild("audit") == 0
     assert views.runner.positions()["audit"].generation == 2
-    assert queries.audit(views.database, AuditQuery()) == []
+    assert queries.audit(views.databases, AuditQuery()) == []
     with pytest.raises(KeyError):
         views.runner.rebuild("nosuch")
 
@@ -594,7 +600,7 @@ def test_two_handles_on_a_memory_store_can_be_used_from_two_threads(views: Views
     story.submit()
     views.store.append(story.log)
     views.runner.catch_up()
-    other = open_view_database(views.url)
+    other = open_view_databases(views.url, VIEWS)
     inside, release = threading.Event(), threading.Event()
 
     def hold_a_read_transaction() -> None:
@@ -647,17 +653,17 @@ def test_task_pages_walk_every_row_once_in_order(views: Views, limit: int) -> No
     views.runner.catch_up()
     expected = [str(e.stream_id) for e in sorted(wanted, key=lambda e: (e.timestamp, e.stream_id.hex))]
 
-    ids = walk(lambda **page: queries.tasks(views.database, queue="default", state="ready", tenant="acme", **page),
+    ids = walk(lambda **page: queries.tasks(views.databases, queue="default", state="ready", tenant="acme", **page),
                limit)
     assert ids == expected
     assert len(set(ids)) == 13
 
-    everyone = walk(lambda **page: queries.tasks(views.database, queue="default", state="ready", **page), limit)
+    everyone = walk(lambda **page: queries.tasks(views.databases, queue="default", state="ready", **page), limit)
     assert everyone == [str(e.stream_id) for e in sorted([*wanted, others[1]],
                                                          key=lambda e: (e.timestamp, e.stream_id.hex))]
-    page = queries.tasks(views.database, queue="default", state="started", limit=limit)
+    page = queries.tasks(views.databases, queue="default", state="started", limit=limit)
     assert ([i["id"] for i in page.items], page.next) == ([str(busy.stream_id)], None)
-    first = queries.tasks(views.database, queue="default", state="ready", tenant="acme", limit=1).items[0]
+    first = queries.tasks(views.databases, queue="default", state="ready", tenant="acme", limit=1).items[0]
     assert first["id"] == expected[0]
     assert (first["state"], first["queue"], first["attempts"], first["started_at"]) == ("ready", "default", 0, None)
     assert first["ready_at"] == T0.isoformat()
@@ -685,10 +691,10 @@ def test_dead_letters_are_failed_tasks_most_recent_first(views: Views) -> None:
     expected = [str(e.stream_id) for e in sorted(failed, key=lambda e: (e.timestamp, e.stream_id.hex), reverse=True)]
 
     for limit in (1, 2, 50):
-        assert walk(lambda **page: queries.dead_letters(views.database, **page), limit) == expected
-    acme = walk(lambda **page: queries.dead_letters(views.database, tenant="acme", **page), 2)
+        assert walk(lambda **page: queries.dead_letters(views.databases, **page), limit) == expected
+    acme = walk(lambda **page: queries.dead_letters(views.databases, tenant="acme", **page), 2)
     assert acme == [i for i in expected if i != str(uuid.uuid5(_IDS, "3"))]
-    item = queries.dead_letters(views.database, limit=1).items[0]
+    item = queries.dead_letters(views.databases, limit=1).items[0]
     assert (item["state"], item["error_type"], item["error"]) == ("dead_lettered", "KeyError", "k4")
 
 
@@ -705,7 +711,7 @@ def test_audit_filters(views: Views) -> None:
     log: list[Event] = [*story.log[:4], rejected(0, "acme", story.log[3].timestamp), *story.log[4:]]
     positions = views.store.append(log)
     views.runner.catch_up()
-    db = views.database
+    db = views.databases
 
     def select(query: AuditQuery | None = None, **options: Any) -> list[tuple[int, str]]:
         return [(r["position"], r["type"]) for r in queries.audit(db, query or AuditQuery(), **options)]
@@ -745,28 +751,28 @@ def test_queues_count_states_and_age_the_oldest_ready_task(views: Views) -> None
     views.store.append(story.log)
     views.runner.catch_up()
     now = (T0 + timedelta(seconds=100)).timestamp()
-    summaries = {(s.tenant, s.queue): s for s in queries.queues(views.database, now=now)}
+    summaries = {(s.tenant, s.queue): s for s in queries.queues(views.databases, now=now)}
     assert {k: (s.counts, s.oldest_waiting_seconds) for k, s in summaries.items()} == {
         ("acme", "default"): ({"ready": 2, "started": 1}, 99.0),
         ("acme", "mail"): ({"started": 1}, None),
         ("globex", "default"): ({"ready": 1}, 84.0),
     }
-    assert [(s.tenant, s.queue) for s in queries.queues(views.database, tenant="globex", now=now)] == [
+    assert [(s.tenant, s.queue) for s in queries.queues(views.databases, tenant="globex", now=now)] == [
         ("globex", "default")]
-    assert queries.queues(views.database, tenant="nobody", now=now) == []
+    assert queries.queues(views.databases, tenant="nobody", now=now) == []
 
     story.start(a)  # the oldest ready task leaves the queue: the next one is now the oldest
     views.store.append(story.log[-1:])
     views.runner.catch_up()
-    summaries = {(s.tenant, s.queue): s for s in queries.queues(views.database, now=now)}
+    summaries = {(s.tenant, s.queue): s for s in queries.queues(views.databases, now=now)}
     assert (summaries[("acme", "default")].counts, summaries[("acme", "default")].oldest_waiting_seconds) == (
         {"ready": 1, "started": 2}, 98.0)
-    early = {(s.tenant, s.queue): s for s in queries.queues(views.database, now=T0.timestamp())}
+    early = {(s.tenant, s.queue): s for s in queries.queues(views.databases, now=T0.timestamp())}
     assert early[("acme", "default")].oldest_waiting_seconds == 0.0  # a clock behind the event: never negative
 
 
 def test_status_shows_each_views_lag(views: Views) -> None:
-    empty = queries.status(views.database, views.store)
+    empty = queries.status(views.databases, views.store)
     assert [(s.name, s.position, s.head, s.lag_events, s.lag_seconds, s.updated_at) for s in empty] == [
         ("audit", 0, 0, 0, 0.0, None), ("tasks", 0, 0, 0, 0.0, None)]
     story = Story()
@@ -775,7 +781,7 @@ def test_status_shows_each_views_lag(views: Views) -> None:
     positions = views.store.append(story.log)
     views.runner.batch_size = 4
     views.runner.step()
-    behind = {s.name: s for s in queries.status(views.database, views.store)}
+    behind = {s.name: s for s in queries.status(views.databases, views.store)}
     for name in ("audit", "tasks"):
         s = behind[name]
         assert (s.generation, s.position, s.head, s.lag_events) == (1, positions[3], positions[-1], 2)
@@ -783,7 +789,7 @@ def test_status_shows_each_views_lag(views: Views) -> None:
         assert s.updated_at is not None
         assert s.rebuilding is None
     views.runner.catch_up()
-    assert [(s.position, s.lag_events, s.lag_seconds) for s in queries.status(views.database, views.store)] == [
+    assert [(s.position, s.lag_events, s.lag_seconds) for s in queries.status(views.databases, views.store)] == [
         (positions[-1], 0, 0.0)] * 2
 
 
@@ -794,24 +800,24 @@ def test_a_task_by_id(views: Views) -> None:
     story.succeed(task, result={"sum": 3})
     views.store.append(story.log)
     views.runner.catch_up()
-    row = queries.task(views.database, str(task))
+    row = queries.task(views.databases, str(task))
     assert row is not None
     assert (row["id"], row["state"], row["attempts"], row["worker"], row["result"], row["version"]) == (
         str(task), "succeeded", 1, "worker:7", {"sum": 3}, 3)
     assert row["finished_at"] == story.now.isoformat()
-    assert queries.task(views.database, task.hex) == row
-    assert queries.task(views.database, str(uuid.uuid4())) is None
+    assert queries.task(views.databases, task.hex) == row
+    assert queries.task(views.databases, str(uuid.uuid4())) is None
     with pytest.raises(ValidationError, match="not a task id"):
-        queries.task(views.database, "nope")
+        queries.task(views.databases, "nope")
 
 
 def test_queries_refuse_bad_pages(views: Views) -> None:
     with pytest.raises(ValidationError, match="not a page cursor"):
-        queries.tasks(views.database, queue="default", state="ready", after="yesterday/abc")
+        queries.tasks(views.databases, queue="default", state="ready", after="yesterday/abc")
     with pytest.raises(ValidationError, match="limit"):
-        queries.tasks(views.database, queue="default", state="ready", limit=0)
+        queries.tasks(views.databases, queue="default", state="ready", limit=0)
     with pytest.raises(ValidationError, match="limit"):
-        queries.dead_letters(views.database, limit=1001)
+        queries.dead_letters(views.databases, limit=1001)
 
 
 def test_a_sealed_result_stays_sealed_in_the_views_and_key_events_are_audited(views: Views) -> None:
@@ -828,10 +834,10 @@ def test_a_sealed_result_stays_sealed_in_the_views_and_key_events_are_audited(vi
                             key_ids=["k1.0a0b0c0d", "k2.0e0f0a0b"], reason="tenant left")
     views.store.append([*story.log, rotated, shredded])
     views.runner.catch_up()
-    row = queries.task(views.database, str(task))
+    row = queries.task(views.databases, str(task))
     assert row is not None
     assert (row["state"], row["result"]) == ("succeeded", "bq1:k1.0a0b0c0d:c2VhbGVk")
-    audited = queries.audit(views.database, AuditQuery(tenant="acme", types=["key_rotated", "keys_shredded"]))
+    audited = queries.audit(views.databases, AuditQuery(tenant="acme", types=["key_rotated", "keys_shredded"]))
     assert [(r["type"], r["task_id"], r["actor"]) for r in audited] == [
         ("key_rotated", None, "operator:ann@ops"), ("keys_shredded", None, "operator:ann@ops")]
     assert audited[0]["summary"] == "key k2.0e0f0a0b (generation 2) is now current"
