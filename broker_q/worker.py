@@ -197,8 +197,13 @@ class Worker:
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.prefetch)
-            # The work queues, where nearly every message comes from, skip aio-pika's per-message objects.
-            direct = DirectConsumers(channel)
+            # The work queues, where nearly every message comes from, skip aio-pika's per-message
+            # objects, on a channel of their own: ``_Acks`` acknowledges runs of a channel's delivery
+            # tags in the order they were delivered, which aiormq's callbacks see in tag order but
+            # aio-pika's (one task later) do not, so the two kinds of consumer must not share tags.
+            work_channel = await connection.channel()
+            await work_channel.set_qos(prefetch_count=self.prefetch)
+            direct = DirectConsumers(work_channel)
             # Exclusive: it exists exactly while this worker is connected (the robust connection
             # declares it again after a reconnection). Other workers look for it before taking
             # over a task this worker started.
@@ -212,17 +217,18 @@ class Worker:
             consumers.append(functools.partial(presence.cancel, await presence.consume(self._on_cancellations,
                                                                                          no_ack=True)))
             for queue in self.queues:
-                work_queue, ingress_queue = await self.topology.declare_queue(channel, queue)
+                work_queue = await self.topology.declare_work_queue(work_channel, queue)
+                ingress_queue = await self.topology.declare_ingress_queue(channel, queue)
                 consumers.append(functools.partial(direct.cancel, await direct.consume(work_queue, self._on_delivery)))
                 consumers.append(functools.partial(ingress_queue.cancel, await ingress_queue.consume(
                     self._spawn(functools.partial(self._on_ingress, queue=queue)))))
             unrouted = await channel.declare_queue(self.topology.unrouted, durable=True)
             consumers.append(functools.partial(unrouted.cancel, await unrouted.consume(self._spawn(self._on_unrouted))))
-            await self._consume_tenants(channel, direct, consumers)
+            await self._consume_tenants(work_channel, direct, consumers)
             log.info("%s consuming %s (concurrency %d, prefetch %d, up to %d abandoned threads replaced)", self.id,
                      ",".join(self.queues), self.concurrency, self.prefetch, self.max_abandoned_threads)
             self.ready.set()
-            follow = asyncio.ensure_future(self._follow_tenants(channel, direct, consumers, stop))
+            follow = asyncio.ensure_future(self._follow_tenants(work_channel, direct, consumers, stop))
             try:
                 await _either(stop, self._exhausted)
             finally:

@@ -91,9 +91,10 @@ class DirectConsumers:
             if tag in self._consumers:
                 try:
                     await self._consume(tag)
-                except (aiormq.exceptions.AMQPError, ConnectionError) as e:
-                    # The channel closed again: the next reopen consumes again.
-                    log.warning("consumer %s not restored: %s", tag, e)
+                except Exception as e:  # one failure must not skip the other consumers
+                    # The channel closed again (aiormq raises ChannelInvalidStateError, a
+                    # RuntimeError, for a channel closed or not yet open): the next reopen consumes again.
+                    log.warning("consumer %s not restored: %r", tag, e)
 
     def _on_broker_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
         tag = frame.consumer_tag
@@ -113,8 +114,8 @@ class DirectConsumers:
                         await queue.declare()
                     await self._consume(tag)
                     return
-                except (aiormq.exceptions.AMQPError, ConnectionError) as e:
-                    log.warning("consumer %s of %s not restored (next try in %.1fs): %s", tag, queue.name,
+                except Exception as e:  # retried until it consumes or is cancelled
+                    log.warning("consumer %s of %s not restored (next try in %.1fs): %r", tag, queue.name,
                                 backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
