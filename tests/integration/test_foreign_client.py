@@ -6,9 +6,9 @@ broker_q code is used only to run the worker and relay under test and to read th
 from __future__ import annotations
 
 import asyncio
-import logging
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
