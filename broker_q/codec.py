@@ -18,7 +18,7 @@ import pydantic_core
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
-__all__ = ["check_json", "decode_event", "dumps", "encode_event", "loads", "parse_uuid"]
+__all__ = ["check_json", "decode_event", "dumps", "encode_event", "loads", "parse_uuid", "stored_tenant"]
 
 _SKIP = frozenset({"stream_id", "version"})
 _FIELDS: dict[type[Event], tuple[str, ...]] = {
@@ -116,6 +116,29 @@ def parse_uuid(text: str) -> uuid.UUID:
     _set(parsed, "int", value)
     _set(parsed, "is_safe", _SAFE_UNKNOWN)
     return parsed
+
+
+_TIMESTAMP_KEY = b'{"timestamp":"'
+_TENANT_KEY = b'","tenant":"'
+
+
+def stored_tenant(state: bytes) -> str | None:
+    """The ``tenant`` of an event stored as ``state`` by :func:`encode_event`, without parsing the rest.
+
+    The encoder writes ``timestamp`` then ``tenant`` first (the fields of :class:`Event` come first),
+    so the tenant is read only right behind the timestamp's value: no payload field can be taken for
+    it. None when ``state`` does not start that way or the value holds an escape (tenant names never do).
+    """
+    if not state.startswith(_TIMESTAMP_KEY):
+        return None
+    start = state.find(b'"', len(_TIMESTAMP_KEY))
+    if start < 0 or not state.startswith(_TENANT_KEY, start):
+        return None
+    start += len(_TENANT_KEY)
+    end = state.find(b'"', start)
+    if end < 0 or b"\\" in state[start:end]:
+        return None
+    return state[start:end].decode()
 
 
 def decode_event(stream_id: uuid.UUID | str, version: int, topic: str, state: bytes) -> Event:

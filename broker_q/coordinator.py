@@ -36,6 +36,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 from broker_q.domain.events import (
     TaskCancelled,
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 
 ACTOR = "coordinator"
 _FAILED = (TaskStatus.DEAD_LETTERED, TaskStatus.CANCELLED)
+
+
+_SUBMITTED = TaskSubmitted.TOPIC
+_FINISHED = {cls.TOPIC: cls.TYPE for cls in (TaskSucceeded, TaskDeadLettered, TaskCancelled)}
+"""The events that finish a parent, by topic: what its dependants wait for."""
 
 
 def _utcnow() -> datetime:
@@ -82,12 +88,12 @@ class Coordinator:
 
     def concerns(self, records: Sequence[Recorded]) -> bool:
         """Whether :meth:`process` may have anything to do for this page (cheap: no I/O)."""
+        # By topic first: the relay decodes only the events it routes on (``Recorded.event`` decodes on use).
         for record in records:
-            event = record.event
-            if isinstance(event, TaskSubmitted):
-                if event.depends_on:
+            if record.topic == _SUBMITTED:
+                if cast(TaskSubmitted, record.event).depends_on:
                     return True
-            elif self._has_edges is not False and isinstance(event, (TaskSucceeded, TaskDeadLettered, TaskCancelled)):
+            elif self._has_edges is not False and record.topic in _FINISHED:
                 return True
         return False
 
@@ -97,14 +103,15 @@ class Coordinator:
         succeeded: list[str] = []
         failed: dict[str, str] = {}
         for record in records:
-            event = record.event
-            if isinstance(event, TaskSubmitted):
+            topic = record.topic
+            if topic == _SUBMITTED:
+                event = cast(TaskSubmitted, record.event)
                 if event.depends_on:
                     submitted.append(event)
-            elif isinstance(event, TaskSucceeded):
-                succeeded.append(event.stream_id.hex)
-            elif isinstance(event, (TaskDeadLettered, TaskCancelled)):
-                failed[event.stream_id.hex] = event.TYPE
+            elif topic == TaskSucceeded.TOPIC:
+                succeeded.append(record.stream_id.hex)
+            elif topic in _FINISHED:
+                failed[record.stream_id.hex] = _FINISHED[topic]
         if submitted:
             self._register(submitted)
         if not succeeded and not failed:

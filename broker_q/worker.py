@@ -50,16 +50,19 @@ import random
 import socket
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiormq
 import pydantic
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import AbstractChannel as AMQPChannel
+from aiormq.abc import DeliveredMessage
 
 from broker_q.amqp.connection import connect
+from broker_q.amqp.consumer import DirectConsumers
 from broker_q.amqp.topology import REASON_HEADER, Topology
 from broker_q.breakers import Breakers
 from broker_q.codec import check_json
@@ -155,11 +158,11 @@ class Worker:
         self._breakers: Breakers | None = None
         self._acks: dict[int, _Acks] = {}
         """Per AMQP channel (delivery tags are numbered per channel, and restart on a new one)."""
-        self._publish_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
         self._connection: AbstractRobustConnection | None = None
         self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
         """Tasks whose handler runs in this worker now, by task id."""
-        self._handlers: dict[uuid.UUID, asyncio.Future[TaskEvent]] = {}
+        self._handlers: dict[uuid.UUID, _CancelScope] = {}
         """The running handlers themselves, by task id: what a cancellation cancels."""
         self._cancelled: collections.OrderedDict[uuid.UUID, None] = collections.OrderedDict()
         """Recently cancelled tasks (bounded): a cancellation that arrives before its handler starts."""
@@ -189,10 +192,18 @@ class Worker:
         self._writer = GroupCommitWriter(store)
         self._breakers = Breakers(store, self.app.breaker_policies)
         connection = self._connection = await connect(self.app.settings.amqp_url, name=f"broker_q {self.id}")
-        consumers: list[tuple[AbstractQueue, str]] = []
+        consumers: list[Callable[[], Awaitable[object]]] = []
+        """How to cancel each consumer."""
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.prefetch)
+            # The work queues, where nearly every message comes from, skip aio-pika's per-message
+            # objects, on a channel of their own: ``_Acks`` acknowledges runs of a channel's delivery
+            # tags in the order they were delivered, which aiormq's callbacks see in tag order but
+            # aio-pika's (one task later) do not, so the two kinds of consumer must not share tags.
+            work_channel = await connection.channel()
+            await work_channel.set_qos(prefetch_count=self.prefetch)
+            direct = DirectConsumers(work_channel)
             # Exclusive: it exists exactly while this worker is connected (the robust connection
             # declares it again after a reconnection). Other workers look for it before taking
             # over a task this worker started.
@@ -203,19 +214,21 @@ class Worker:
             # Cancellations reach every worker through its presence queue (bound again with it
             # after a reconnection): a worker running the task stops it.
             await presence.bind(exchanges["events"], routing_key="*.task.cancelled")
-            consumers.append((presence, await presence.consume(self._on_cancellations, no_ack=True)))
+            consumers.append(functools.partial(presence.cancel, await presence.consume(self._on_cancellations,
+                                                                                         no_ack=True)))
             for queue in self.queues:
-                work_queue, ingress_queue = await self.topology.declare_queue(channel, queue)
-                consumers.append((work_queue, await work_queue.consume(self._spawn(self._on_work))))
-                consumers.append((ingress_queue, await ingress_queue.consume(
+                work_queue = await self.topology.declare_work_queue(work_channel, queue)
+                ingress_queue = await self.topology.declare_ingress_queue(channel, queue)
+                consumers.append(functools.partial(direct.cancel, await direct.consume(work_queue, self._on_delivery)))
+                consumers.append(functools.partial(ingress_queue.cancel, await ingress_queue.consume(
                     self._spawn(functools.partial(self._on_ingress, queue=queue)))))
             unrouted = await channel.declare_queue(self.topology.unrouted, durable=True)
-            consumers.append((unrouted, await unrouted.consume(self._spawn(self._on_unrouted))))
-            await self._consume_tenants(channel, consumers)
+            consumers.append(functools.partial(unrouted.cancel, await unrouted.consume(self._spawn(self._on_unrouted))))
+            await self._consume_tenants(work_channel, direct, consumers)
             log.info("%s consuming %s (concurrency %d, prefetch %d, up to %d abandoned threads replaced)", self.id,
                      ",".join(self.queues), self.concurrency, self.prefetch, self.max_abandoned_threads)
             self.ready.set()
-            follow = asyncio.ensure_future(self._follow_tenants(channel, consumers, stop))
+            follow = asyncio.ensure_future(self._follow_tenants(work_channel, direct, consumers, stop))
             try:
                 await _either(stop, self._exhausted)
             finally:
@@ -232,7 +245,8 @@ class Worker:
                 f"{self.id} stopped: more than {self.max_abandoned_threads} sync handler threads ran on past their "
                 f"hard time limit or cancellation; a new process starts with fresh threads")
 
-    async def _consume_tenants(self, channel: AbstractChannel, consumers: list[tuple[AbstractQueue, str]]) -> None:
+    async def _consume_tenants(self, channel: AbstractRobustChannel, direct: DirectConsumers,
+                               consumers: list[Callable[[], Awaitable[object]]]) -> None:
         """Consume the work queues of every tenant created since the last look (``Topology.route``).
 
         Each tenant's queue is a consumer of its own with its own prefetch window, so RabbitMQ hands
@@ -242,31 +256,31 @@ class Worker:
         for tenant in sorted(created - self._tenants_consumed):
             for queue in self.queues:
                 work = await self.topology.declare_route(channel, self.topology.route(queue, tenant, created))
-                consumers.append((work, await work.consume(self._spawn(self._on_work))))
+                consumers.append(functools.partial(direct.cancel, await direct.consume(work, self._on_delivery)))
             self._tenants_consumed.add(tenant)
 
-    async def _follow_tenants(self, channel: AbstractChannel, consumers: list[tuple[AbstractQueue, str]],
-                              stop: asyncio.Event) -> None:
+    async def _follow_tenants(self, channel: AbstractRobustChannel, direct: DirectConsumers,
+                              consumers: list[Callable[[], Awaitable[object]]], stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(_TENANTS_REFRESH)
             try:
-                await self._consume_tenants(channel, consumers)
+                await self._consume_tenants(channel, direct, consumers)
             except (StoreUnavailable, aiormq.exceptions.AMQPError, ConnectionError) as e:
                 log.warning("%s could not look for new tenants' queues (next try in %.0fs): %s", self.id,
                             _TENANTS_REFRESH, e)
 
-    async def _shutdown(self, consumers: list[tuple[AbstractQueue, str]]) -> None:
+    async def _shutdown(self, consumers: list[Callable[[], Awaitable[object]]]) -> None:
         """Stop taking messages, give running tasks ``shutdown_grace`` seconds, then let go of the rest.
 
         Messages still unacknowledged when the connection closes go back to their queue: those not
         started run elsewhere as usual; those started are taken over as a new attempt.
         """
         self._stopping = True
-        for queue, tag in consumers:
+        for cancel in consumers:
             try:
-                await queue.cancel(tag)
+                await cancel()
             except Exception as e:  # the channel may be gone already; its messages are requeued anyway
-                log.debug("cancelling consumer %s: %s", tag, e)
+                log.debug("cancelling a consumer: %s", e)
         if self._inflight:
             log.info("%s waiting up to %.0fs for %d task(s)", self.id, self.shutdown_grace, len(self._inflight))
             _, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_grace)
@@ -282,48 +296,62 @@ class Worker:
         if acks:
             await asyncio.wait(acks, timeout=5)
 
-    def _spawn(self, handler: Any) -> Any:
-        # The delivery is handled in a task of the worker's own, not in the consumer task aio-pika
-        # runs this callback in: aiormq cancels a channel's consumer tasks when the channel closes
-        # (a connection blip), which must not cancel a handler that is running. Tracking the tasks
-        # is what lets shutdown wait for the work in flight.
+    def _spawn(self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+               ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
-            self._acks_of(message).delivered(message)
-            task: asyncio.Task[None] = asyncio.ensure_future(handler(message))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            assert message.delivery_tag is not None
+            self._acks_of(message.channel).delivered(message.delivery_tag)
+            self._track(handler(message))
 
         return on_message
 
-    def _acks_of(self, message: AbstractIncomingMessage) -> _Acks:
-        key = id(message.channel)
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        """A work message, as aiormq delivers it (:class:`DirectConsumers`)."""
+        tag = message.delivery_tag
+        assert tag is not None
+        self._acks_of(message.channel).delivered(tag)
+        self._track(self._on_work(message))
+
+    def _track(self, handling: Awaitable[None]) -> None:
+        # The delivery is handled in a task of the worker's own, not in the consumer task aiormq
+        # runs the callback in: aiormq cancels a channel's consumer tasks when the channel closes
+        # (a connection blip), which must not cancel a handler that is running. Tracking the tasks
+        # is what lets shutdown wait for the work in flight.
+        task = asyncio.ensure_future(handling)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _acks_of(self, channel: AMQPChannel) -> _Acks:
+        key = id(channel)
         acks = self._acks.get(key)
-        if acks is None or acks.channel is not message.channel:
+        if acks is None or acks.channel is not channel:
             # A new channel (after a reconnection): forget the closed ones and their messages.
-            for stale in [k for k, a in self._acks.items() if getattr(a.channel, "is_closed", False)]:
+            for stale in [k for k, a in self._acks.items() if a.channel.is_closed]:
                 del self._acks[stale]
-            acks = self._acks[key] = _Acks(message.channel)
+            acks = self._acks[key] = _Acks(channel)
         return acks
 
     # -- work -------------------------------------------------------------------------------
 
-    async def _on_work(self, message: AbstractIncomingMessage) -> None:
+    async def _on_work(self, message: DeliveredMessage) -> None:
         try:
             work = WorkMessage.model_validate_json(message.body)
         except pydantic.ValidationError as e:
-            await self._refuse(message, f"malformed work message: {_summary(e)}", source=message.routing_key or "")
+            await self._refuse(aio_pika.IncomingMessage(message), f"malformed work message: {_summary(e)}",
+                               source=message.routing_key or "")
             return
         try:
             async with self._slots:
                 if self._stopping:
                     return  # shutting down: left unacknowledged, it goes back to the queue when we close
                 if await self._attempt(work):
-                    self._acks_of(message).done(message)
+                    self._acks_of(message.channel).done(message.delivery_tag)
         except StoreUnavailable as e:
             log.warning("not acknowledging task %s: %s", work.id, e)
         except Exception as e:
             log.exception("task %s: unexpected error", work.id)
-            await self._refuse(message, f"internal error while running task {work.id}: {type(e).__name__}: {e}",
+            await self._refuse(aio_pika.IncomingMessage(message),
+                               f"internal error while running task {work.id}: {type(e).__name__}: {e}",
                                source=message.routing_key or "")
 
     async def _attempt(self, work: WorkMessage) -> bool:
@@ -348,17 +376,20 @@ class Worker:
         try:
             if work.id in self._cancelled:
                 return True  # cancelled while its ``started`` was being appended: the handler never runs
-            handler = asyncio.ensure_future(self._execute(self.app.tasks.get(work.task), work, started))
-            self._handlers[work.id] = handler
+            # The handler runs in this task, not in one of its own: a task per delivery is what asyncio
+            # costs most for, and a cancellation of the task reaches it through the scope alone.
+            scope = self._handlers[work.id] = _CancelScope(current)
             try:
-                outcome = await handler
+                outcome = await self._execute(definition, work, started)
             except asyncio.CancelledError:
-                if current.cancelling() or work.id not in self._cancelled:
+                if not scope.cancelled or current.uncancel():
                     raise  # this worker is stopping: the message goes back to the queue
                 log.info("task %s: cancelled while running", work.id)
                 return True
             finally:
                 del self._handlers[work.id]
+            if scope.cancelled:
+                current.uncancel()  # the handler swallowed its cancellation and returned: its outcome stands
             if isinstance(outcome, TaskSucceeded):
                 outcome = await self._sealed(outcome, arguments_sealed=work.sealed_arguments is not None)
             try:
@@ -588,7 +619,7 @@ class Worker:
             while len(self._cancelled) > 10_000:
                 self._cancelled.popitem(last=False)
             handler = self._handlers.get(task_id)
-            if handler is not None and not handler.done():
+            if handler is not None and not handler.cancelled:
                 log.info("task %s: cancelled, stopping its handler", task_id)
                 handler.cancel()
 
@@ -614,7 +645,7 @@ class Worker:
         except StoreUnavailable as e:
             log.warning("not acknowledging ingress message: %s", e)
             return
-        self._acks_of(message).done(message)
+        self._acks_of(message.channel).done(message.delivery_tag)
 
     def _accept(self, message: AbstractIncomingMessage, queue: str) -> TaskSubmitted:
         limit = self.app.settings.max_message_bytes
@@ -688,7 +719,27 @@ class Worker:
         except StoreUnavailable as e:
             log.warning("refusal of a message not recorded: %s", e)
             return
-        self._acks_of(message).done(message)
+        self._acks_of(message.channel).done(message.delivery_tag)
+
+
+class _CancelScope:
+    """A handler running inline in its delivery's task, as a cancellation of its task reaches it.
+
+    :meth:`cancel` cancels the delivery's task and says so, as ``asyncio.timeout`` does: the
+    ``CancelledError`` that comes out of the handler is this cancellation's when ``cancelled`` is set
+    and ``Task.uncancel()`` leaves no other (the worker stopping cancels the same task, and then the
+    delivery must not be acknowledged).
+    """
+
+    __slots__ = ("cancelled", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
 
 
 class _Acks:
@@ -700,26 +751,22 @@ class _Acks:
     task never holds finished messages (and the prefetch window) unacknowledged.
     """
 
-    def __init__(self, channel: object) -> None:
+    def __init__(self, channel: AMQPChannel) -> None:
         self.channel = channel
         self.pending: set[asyncio.Future[None]] = set()
         """Acknowledgements written but not yet sent; shutdown waits for them."""
         self._order: collections.deque[int] = collections.deque()
-        self._messages: dict[int, AbstractIncomingMessage] = {}
         self._done: set[int] = set()
         self._acked: set[int] = set()
         self._flush_scheduled = False
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
-        tag = message.delivery_tag
-        assert tag is not None
+    def delivered(self, tag: int) -> None:
         self._order.append(tag)
-        self._messages[tag] = message
 
-    def done(self, message: AbstractIncomingMessage) -> None:
-        """``message`` may be acknowledged: its outcome is committed."""
-        assert message.delivery_tag is not None
-        self._done.add(message.delivery_tag)
+    def done(self, tag: int | None) -> None:
+        """The message ``tag`` may be acknowledged: its outcome is committed."""
+        assert tag is not None
+        self._done.add(tag)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -736,17 +783,13 @@ class _Acks:
             last = tag
         if last is not None:
             self._ack(last, multiple=True)
-            for tag in [t for t in self._messages if t <= last]:
-                del self._messages[tag]
         for tag in self._done:
             self._ack(tag, multiple=False)
             self._acked.add(tag)
-            del self._messages[tag]
         self._done.clear()
 
     def _ack(self, tag: int, *, multiple: bool) -> None:
-        message = self._messages[tag]
-        ack = asyncio.ensure_future(message.ack(multiple=multiple))
+        ack = asyncio.ensure_future(self.channel.basic_ack(tag, multiple=multiple))
         self.pending.add(ack)
         ack.add_done_callback(self.pending.discard)
         ack.add_done_callback(_log_ack_failure)

@@ -102,7 +102,8 @@ def main() -> None:
             results[system.id].append(result)
             p50 = sorted(result.latency_ms)[len(result.latency_ms) // 2] if result.latency_ms else float("nan")
             print(f"run {run + 1} {system.id}: enqueue {result.enqueue_rate:,.0f}/s, end-to-end "
-                  f"{result.e2e_rate:,.0f}/s, {result.cpu_us:,.0f} µs CPU/task, latency p50 {p50:.2f} ms, "
+                  f"{result.e2e_rate:,.0f}/s, {result.cpu_us:,.0f} µs CPU/task "
+                  f"({' + '.join(f'{c:,.0f}' for c in result.cpu_us_each)}), latency p50 {p50:.2f} ms, "
                   f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
         if "aio-pika-concurrent" in chosen:
             concurrent_raw.append(options.tasks / asyncio.run(e2e.raw_aio_pika(options.tasks)))

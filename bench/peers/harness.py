@@ -47,6 +47,8 @@ class Throughput:
     durable_lag_s: float | None = None
     client_cpu_us: float = 0.0
     latency_ms: list[float] = field(default_factory=list)
+    cpu_us_each: list[float] = field(default_factory=list)
+    """CPU µs per task of each worker command apart, in the system's order (broker_q: worker, relay)."""
 
 
 def run_client(system: System, ctx: Context, action: str, n: int, timeout: float) -> dict[str, object]:
@@ -63,8 +65,9 @@ def _scratch_for_marks() -> Path:
     return Path(tempfile.mkdtemp(prefix="bench-marks-", dir=shm if shm.is_dir() else None))
 
 
-def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, int, float | None]:
-    """(end-to-end rate, start-up seconds, CPU µs per task, marks counted, durable lag seconds)."""
+def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, int, float | None, list[float]]:
+    """(end-to-end rate, start-up seconds, CPU µs per task, marks counted, durable lag seconds, CPU µs per
+    task of each worker command)."""
     marks_dir = _scratch_for_marks()
     marks = marks_dir / "marks"
     marks.touch()
@@ -80,6 +83,7 @@ def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, in
             workers.check_alive()
             time.sleep(0.001)
         cpu0, count0 = workers.cpu(), size // RECORD.size
+        each0 = workers.cpu_each()
         progress_at, last_size = time.time(), size
         while size < target:
             time.sleep(0.02)
@@ -100,6 +104,7 @@ def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, in
                 raise RuntimeError(f"{system.id}: {recorded} tasks recorded as done, {n} sent")
         time.sleep(0.5)
         cpu1 = workers.cpu()
+        each1 = workers.cpu_each()
     finally:
         workers.stop()
     times = read_marks(marks)
@@ -109,7 +114,8 @@ def drain(system: System, ctx: Context, n: int) -> tuple[float, float, float, in
     first, last = min(times), max(times)
     rate = (n - 1) / (last - first) if n > 1 else float("nan")
     cpu_us = (cpu1 - cpu0) / max(n - count0, 1) * 1e6
-    return rate, first - spawned, cpu_us, len(times), (lag - last if lag is not None else None)
+    each = [(b - a) / max(n - count0, 1) * 1e6 for a, b in zip(each0, each1, strict=True)]
+    return rate, first - spawned, cpu_us, len(times), (lag - last if lag is not None else None), each
 
 
 def latency(system: System, ctx: Context, samples: int) -> list[float]:
@@ -134,9 +140,10 @@ def measure(system: System, n: int, latency_samples: int) -> Throughput:
     ok = False
     try:
         sent = run_client(system, ctx, "enqueue", n, timeout=600)
-        rate, startup, cpu_us, counted, lag = drain(system, ctx, n)
+        rate, startup, cpu_us, counted, lag, each = drain(system, ctx, n)
         result = Throughput(n, n / float(sent["seconds"]), rate, startup, cpu_us, counted, lag,  # type: ignore[arg-type]
-                            client_cpu_us=float(sent["cpu_seconds"]) / n * 1e6)  # type: ignore[arg-type]
+                            client_cpu_us=float(sent["cpu_seconds"]) / n * 1e6,  # type: ignore[arg-type]
+                            cpu_us_each=each)
         if counted != n:
             raise RuntimeError(f"{system.id}: {counted} task runs marked for {n} tasks sent")
         if latency_samples:

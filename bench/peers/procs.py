@@ -64,6 +64,10 @@ class Workers:
     def cpu(self) -> float:
         return tree_cpu(self.pids())
 
+    def cpu_each(self) -> list[float]:
+        """:meth:`cpu` of each command's process tree apart, in the order of the commands."""
+        return [tree_cpu([pid]) for pid in self.pids()]
+
     def check_alive(self) -> None:
         for process in self.processes:
             if process.poll() is not None:

@@ -75,10 +75,7 @@ class Topology:
         """Declare and bind the work queue of ``route``; a plain queue's ingress queue as well."""
         if ":" not in route:
             return (await self.declare_queue(channel, route))[0]
-        arguments: dict[str, Any] = {"x-max-priority": MAX_PRIORITY}
-        work = await channel.declare_queue(self.work_queue(route), durable=True, arguments=arguments)
-        await work.bind(self.work_exchange, routing_key=route)
-        return work
+        return await self.declare_work_queue(channel, route)
 
     def ingress_queue(self, queue: str) -> str:
         return f"{self.namespace}.ingress.{queue}"
@@ -102,9 +99,17 @@ class Topology:
 
     async def declare_queue(self, channel: AbstractChannel, queue: str) -> tuple[AbstractQueue, AbstractQueue]:
         """Declare and bind the work and ingress queues of ``queue``; return them in that order."""
+        return await self.declare_work_queue(channel, queue), await self.declare_ingress_queue(channel, queue)
+
+    async def declare_work_queue(self, channel: AbstractChannel, queue: str) -> AbstractQueue:
+        """Declare and bind the work queue of ``queue``."""
         arguments: dict[str, Any] = {"x-max-priority": MAX_PRIORITY}
         work = await channel.declare_queue(self.work_queue(queue), durable=True, arguments=arguments)
         await work.bind(self.work_exchange, routing_key=queue)
+        return work
+
+    async def declare_ingress_queue(self, channel: AbstractChannel, queue: str) -> AbstractQueue:
+        """Declare and bind the ingress queue of ``queue``, where other AMQP clients' envelopes arrive."""
         ingress = await channel.declare_queue(self.ingress_queue(queue), durable=True)
         await ingress.bind(self.ingress_exchange, routing_key=queue)
-        return work, ingress
+        return ingress

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -289,15 +289,23 @@ class RecorderEventStore:
             stored = self._recorder.select_events(stream_id, gt=after_version, lte=to_version)
         return [decode_event(s.originator_id, s.originator_version, s.topic, s.state) for s in stored]
 
-    def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:
+    def read_log(self, after: int, limit: int, *, to_position: int | None = None,
+                 decode: Container[str] | None = None) -> list[Recorded]:
         if limit <= 0:
             return []
         with _translated():
             notifications = self._recorder.select_notifications(
                 start=after, limit=limit, stop=to_position, inclusive_of_start=False
             )
+        if decode is None:
+            return [
+                Recorded(n.id, decode_event(n.originator_id, n.originator_version, n.topic, n.state), n.state)
+                for n in notifications
+            ]
         return [
             Recorded(n.id, decode_event(n.originator_id, n.originator_version, n.topic, n.state), n.state)
+            if n.topic in decode else
+            Recorded(n.id, data=n.state, stored=(n.originator_id, n.originator_version, n.topic))
             for n in notifications
         ]
 

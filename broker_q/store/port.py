@@ -17,10 +17,10 @@ Guarantees every adapter keeps (``tests/integration/test_store_contract.py`` pro
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Container, Sequence
 from typing import Protocol
 
+from broker_q.codec import decode_event, parse_uuid, stored_tenant
 from broker_q.domain.events import Event
 from broker_q.store.dependencies import Dependencies
 from broker_q.store.keys import Keyring
@@ -29,14 +29,60 @@ from broker_q.store.timers import Timers
 __all__ = ["AppendResult", "EventStore", "Recorded"]
 
 
-@dataclass(frozen=True, slots=True)
 class Recorded:
-    """An event with its position in the store's log, and its stored JSON (``broker_q.codec``)."""
+    """An event with its position in the store's log, and its stored JSON (``broker_q.codec``).
 
-    position: int
-    event: Event
-    data: bytes = field(default=b"", compare=False, repr=False)
-    """The event's fields as stored, so that a reader that forwards them need not encode them again."""
+    The event may be decoded lazily, on the first read of :attr:`event`: a reader that forwards
+    most events as stored (the relay) decodes only those it routes on, and takes the others'
+    ``topic``, ``stream_id``, ``version`` and :attr:`tenant` from what the store keeps.
+    Two records are equal when their positions and events are.
+    """
+
+    __slots__ = ("_event", "data", "position", "stream_id", "topic", "version")
+
+    def __init__(self, position: int, event: Event | None = None, data: bytes = b"", *,
+                 stored: tuple[uuid.UUID | str, int, str] | None = None) -> None:
+        """``Recorded(position, event, data)``, or ``Recorded(position, data=..., stored=(stream_id,
+        version, topic))`` to decode ``data`` on first use (``stream_id`` as a UUID or its canonical text)."""
+        self.position = position
+        self.data = data
+        """The event's fields as stored, so that a reader that forwards them need not encode them again."""
+        self._event = event
+        if event is not None:
+            self.stream_id: uuid.UUID = event.stream_id
+            self.version = event.version
+            self.topic = event.TOPIC
+        elif stored is not None:
+            stream_id, self.version, self.topic = stored
+            self.stream_id = stream_id if isinstance(stream_id, uuid.UUID) else parse_uuid(stream_id)
+        else:
+            raise TypeError("Recorded needs an event or what was stored")
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = decode_event(self.stream_id, self.version, self.topic, self.data)
+        return self._event
+
+    @property
+    def tenant(self) -> str:
+        """The event's tenant, read from the stored JSON without decoding the rest of it."""
+        if self._event is None:
+            tenant = stored_tenant(self.data)
+            if tenant is not None:
+                return tenant
+        return self.event.tenant
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Recorded):
+            return NotImplemented
+        return self.position == other.position and self.event == other.event
+
+    def __hash__(self) -> int:
+        return hash((self.position, self.event))
+
+    def __repr__(self) -> str:
+        return f"Recorded(position={self.position!r}, event={self.event!r})"
 
 
 AppendResult = list[int] | Exception
@@ -66,8 +112,12 @@ class EventStore(Protocol):
         """
         ...
 
-    def read_log(self, after: int, limit: int, *, to_position: int | None = None) -> list[Recorded]:
-        """Up to ``limit`` events with positions greater than ``after`` (and at most ``to_position``)."""
+    def read_log(self, after: int, limit: int, *, to_position: int | None = None,
+                 decode: Container[str] | None = None) -> list[Recorded]:
+        """Up to ``limit`` events with positions greater than ``after`` (and at most ``to_position``).
+
+        Given ``decode`` (topics), only events of those topics are decoded now; the others on first use.
+        """
         ...
 
     def max_position(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -374,3 +375,29 @@ async def test_an_envelopes_retry_options_are_recorded_with_its_task(
             "retry": {"max_attempts": 3, "backoff": 2, "retry_on": ["builtins.OSError"]}}))
         assert await app.handle(event.stream_id).result(timeout=10) == 3
     assert (event.max_attempts, event.retry) == (3, {"backoff": 2.0, "retry_on": ["builtins.OSError"]})
+
+
+async def test_envelopes_among_a_work_backlog_are_each_acknowledged_once_and_none_is_lost(
+    app: App, channel: AbstractChannel, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Work messages (consumed through aiormq directly) and envelopes (through aio-pika) arrive at
+    the same worker together: each is acknowledged once, after its record, on the channel it came
+    from. An acknowledgement of several messages at once that took in an envelope not yet recorded,
+    or a second acknowledgement of a tag already acknowledged (RabbitMQ closes the channel for it),
+    shows here as a lost acknowledgement or a channel closed under the worker."""
+    caplog.set_level(logging.WARNING)
+    async with running(app):
+        backlog = asyncio.gather(*(app.submit_async("add", [i, 1]) for i in range(300)))
+        message_ids = [await publish(channel, namespace, {"task": "add", "args": [i, 1000]}) for i in range(100)]
+        handles = await backlog
+        envelopes = [await submitted(app, message_id) for message_id in message_ids]
+        results = await asyncio.gather(*(handle.result(timeout=60) for handle in handles),
+                                       *(app.handle(event.stream_id).result(timeout=60) for event in envelopes))
+        assert results == [i + 1 for i in range(300)] + [i + 1000 for i in range(100)]
+    problems = [r.getMessage() for r in caplog.records
+                if "acknowledgement lost" in r.getMessage() or "PRECONDITION_FAILED" in r.getMessage()
+                or "unknown delivery tag" in r.getMessage()]
+    assert problems == []
+    for queue in (f"{namespace}.work.{QUEUE}", f"{namespace}.ingress.{QUEUE}"):
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 0, queue

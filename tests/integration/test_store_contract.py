@@ -415,3 +415,12 @@ def test_store_urls_are_parsed() -> None:
         "5432", "postgres", "public")
     assert int(defaults["POSTGRES_LOCK_TIMEOUT"]) > 0  # 0 would wait forever (DESIGN.md)
     assert "POSTGRES_ENABLE_DB_FUNCTIONS" not in defaults
+
+
+def test_read_log_decodes_only_the_topics_asked_for_and_the_rest_on_use(store: EventStore) -> None:
+    _fill(store)
+    eager = store.read_log(0, 100)
+    lazy = store.read_log(0, 100, decode={TaskSubmitted.TOPIC})
+    assert [(r.position, r.topic, str(r.stream_id), r.version, r.tenant) for r in lazy] == [
+        (r.position, r.event.TOPIC, str(r.event.stream_id), r.event.version, r.event.tenant) for r in eager]
+    assert lazy == eager  # each event decoded when first read

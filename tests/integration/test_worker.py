@@ -428,3 +428,35 @@ async def _rabbitmqctl(*args: str) -> str:
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode()
+
+
+async def test_a_work_queue_deleted_under_the_worker_is_declared_and_consumed_again(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """The broker cancels the consumers of a deleted queue: the worker's work-queue consumers (which
+    bypass aio-pika's robust queue) must come back by themselves, as aio-pika's own do."""
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="echo")
+    async def echo(n: int) -> int:
+        return n
+
+    async with running(app) as worker:
+        assert await (await echo.submit(1)).result(timeout=10) == 1
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(worker.topology.work_queue("default"))
+
+            async def consumed_again() -> bool:
+                probe = await connection.channel()
+                try:
+                    queue = await probe.declare_queue(worker.topology.work_queue("default"), passive=True)
+                except aio_pika.exceptions.ChannelClosed:
+                    return False
+                return bool(queue.declaration_result.consumer_count)
+
+            await wait_for(consumed_again, timeout=15, what="the work queue declared and consumed again")
+        finally:
+            await connection.close()
+        assert await (await echo.submit(2)).result(timeout=10) == 2

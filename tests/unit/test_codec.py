@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_q.codec import check_json, decode_event, dumps, encode_event, loads, parse_uuid
+from broker_q.codec import check_json, decode_event, dumps, encode_event, loads, parse_uuid, stored_tenant
 from broker_q.domain.events import TOPICS, Event
 from broker_q.errors import SerializationError, ValidationError
 
@@ -263,3 +263,23 @@ def test_parse_uuid_refuses_what_is_not_a_uuid() -> None:
     for text in ("not-a-uuid", "f" * 33):
         with pytest.raises(ValueError):  # noqa: PT011 - int() and our own check both raise ValueError
             parse_uuid(text)
+
+
+tenant_names = st.from_regex(r"[a-z0-9][a-z0-9_\-]{0,62}", fullmatch=True)
+
+
+@given(event=any_event, tenant=tenant_names)
+def test_the_stored_tenant_is_read_without_decoding_even_when_a_payload_names_one(event: Event, tenant: str) -> None:
+    # The relay routes most events by this alone (``Recorded.tenant``): a payload key "tenant"
+    # further on, in args, kwargs or a result, must never be taken for the event's own.
+    event = dataclasses.replace(event, tenant=tenant)
+    for name in ("args", "kwargs", "result"):
+        if hasattr(event, name):
+            intruder: Any = [{"tenant": "x"}] if name == "args" else {"tenant": "intruder"}
+            event = dataclasses.replace(event, **{name: intruder})
+    assert stored_tenant(encode_event(event)) == tenant
+
+
+def test_a_stored_tenant_that_is_not_where_expected_is_left_to_the_decoder() -> None:
+    assert stored_tenant(b'{"args":[{"tenant":"x"}]}' + b" " * 100 + b',"tenant":"acme"}') is None
+    assert stored_tenant(b'{"timestamp":"2026-01-01T00:00:00Z","tenant":"a\\"b"}') is None
