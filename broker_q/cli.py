@@ -25,6 +25,7 @@ from broker_q.payloads import Payloads
 from broker_q.relay import Relay
 from broker_q.rendering import history_row, status_view
 from broker_q.scheduler import Scheduler
+from broker_q.settings import MAX_WORK_BATCH
 from broker_q.worker import Worker
 
 __all__ = ["main"]
@@ -392,9 +393,16 @@ def _relay(options: argparse.Namespace) -> int:
     return _serve(options, lambda stop: [_relay_for(app, options).run(stop)])
 
 
+def _work_batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WORK_BATCH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORK_BATCH}")
+    return value
+
+
 def _work_batch_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
-        "--work-batch", type=_positive_int, metavar="N",
+        "--work-batch", type=_work_batch, metavar="N",
         help="pack up to N ready tasks of one queue and priority into one work message (default: "
              "$BROKER_Q_WORK_BATCH or 1). Fewer AMQP messages per task, but a worker may then hold up to "
              "prefetch x N tasks: for short tasks only")

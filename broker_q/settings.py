@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["Settings"]
 
 
+MAX_WORK_BATCH = 1000
+"""The most tasks one work message may pack (``work_batch``)."""
+
+
 class Settings(BaseSettings):
     """Everything broker_q can be told. Code below the edge receives these values, never ``os.environ``."""
 
@@ -32,7 +36,7 @@ class Settings(BaseSettings):
         default=0.1, gt=0,
         description="Seconds between reads of an idle store; the store's change signal wakes the relay sooner")
     work_batch: int = Field(
-        default=1, gt=0, le=1000,
+        default=1, gt=0, le=MAX_WORK_BATCH,
         description="Ready tasks of one route and priority the relay packs into one work message (from one page of "
                     "the log). 1 publishes one message per task. With N > 1 a worker may hold up to prefetch x N "
                     "tasks: batches are for short tasks (docs/decisions/0014-work-batches.md)")

@@ -376,14 +376,19 @@ class Worker:
         try:
             # The whole array in one pass of pydantic's JSON parser; entry by entry only when one is invalid.
             works = _WORK_BATCH.validate_json(message.body)
+            if not works:
+                await self._refuse(aio_pika.IncomingMessage(message), "malformed work batch: it holds no task",
+                                   source=source)
+                return
             runs = [self._work(message, work, index) for index, work in enumerate(works)]
         except pydantic.ValidationError:
             try:
                 entries = json.loads(message.body)
                 if not isinstance(entries, list):
                     raise ValueError(f"a work batch is a JSON array, not {type(entries).__name__}")
-            except ValueError as e:
-                await self._refuse(aio_pika.IncomingMessage(message), f"malformed work batch: {e}", source=source)
+            except (ValueError, RecursionError) as e:  # RecursionError: arrays nested past the parser's depth
+                reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
+                await self._refuse(aio_pika.IncomingMessage(message), f"malformed work batch: {reason}", source=source)
                 return
             for index, entry in enumerate(entries):
                 try:
@@ -393,7 +398,15 @@ class Worker:
                                              f"batch): {_summary(e)}", source=source))
                     continue
                 runs.append(self._work(message, work, index))
-        if all(await asyncio.gather(*runs)):
+        # Every entry runs to its end before the batch is judged, whatever another entry raised: none is
+        # left running outside the worker's tracked tasks (shutdown waits for this one, and so for all).
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            log.error("work batch %s: an entry could not be settled (%s: %s); the batch stays unacknowledged and "
+                      "is delivered again once this worker's channel closes", message.header.properties.message_id,
+                      type(failure).__name__, failure)
+        if all(r is True for r in results):
             self._acks_of(message.channel).done(message.delivery_tag)
 
     async def _attempt(self, work: WorkMessage) -> bool:

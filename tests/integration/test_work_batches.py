@@ -263,3 +263,54 @@ async def test_a_worker_killed_mid_batch_leaves_every_task_finished_exactly_once
     assert history[1].actor != history[2].actor
     for handle in adds:  # redelivered with the batch, recognised by their version, not run again
         assert _types(app, handle.id) == ["submitted", "started", "succeeded"]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"[]", "it holds no task"),
+    (b"[" * 100_000, "nested too deep"),
+    (b'{"id": "an object, not an array"}', "a work batch is a JSON array"),
+    (b"[{", "malformed work batch"),
+])
+async def test_a_batch_body_that_holds_no_task_goes_to_the_invalid_queue_and_the_worker_goes_on(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], body: bytes, reason: str
+) -> None:
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    async with running(app) as worker:
+        await _publish(worker, body, WORK_BATCH_TYPE)
+        await wait_for(lambda: _drained(worker, worker.topology.work_queue("default")), what="the batch refused")
+        assert await app.submit("add", [2, 3]).result(timeout=20) == 5  # the worker goes on
+    refused = await _queued(amqp_url, Topology(namespace).invalid_queue)
+    assert [m.body for m in refused] == [body]
+    assert reason in str(refused[0].headers[REASON_HEADER])
+
+
+async def test_an_entry_that_cannot_be_settled_leaves_the_batch_unacknowledged_after_its_siblings_end(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refusal of a malformed entry fails (the invalid queue refuses it, the channel is reconnecting):
+    the valid entry beside it still runs to its end under the worker's tracking, and the batch is not
+    acknowledged, so it comes back rather than being lost."""
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="slow")
+    async def slow(n: int) -> int:
+        await asyncio.sleep(0.3)
+        return n
+
+    handle = app.submit("slow", [7])
+    body = b"[%s,%s]" % (b'{"id": "not a task"}', work_message_body(_submitted(app, handle.id)))
+    async with running(app, relay=False) as worker:
+        async def cannot_refuse(*args: object, **kwargs: object) -> bool:
+            raise ConnectionError("the invalid-message queue cannot be reached")
+
+        worker._reject = cannot_refuse  # type: ignore[method-assign]
+        await _publish(worker, body, WORK_BATCH_TYPE)
+        assert await handle.result(timeout=20) == 7
+        await wait_for(lambda: not worker._inflight, what="the batch's handling to end")
+        assert any("could not be settled" in r.getMessage() for r in caplog.records)
+        assert not await _drained(worker, worker.topology.work_queue("default"))  # the batch is held, not acked
