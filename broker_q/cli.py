@@ -25,6 +25,7 @@ from broker_q.payloads import Payloads
 from broker_q.relay import Relay
 from broker_q.rendering import history_row, status_view
 from broker_q.scheduler import Scheduler
+from broker_q.settings import MAX_WORK_BATCH
 from broker_q.worker import Worker
 
 __all__ = ["main"]
@@ -144,13 +145,16 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("app", metavar="MODULE:APP", help="where the App is, e.g. myproject.tasks:app")
         sub.add_argument("--queues", help="comma-separated queues (default: the queues of the app's tasks)")
         sub.add_argument("--concurrency", type=_positive_int, help="handlers running at once")
-        sub.add_argument("--prefetch", type=_positive_int, help="messages held unacked (default 2 x concurrency)")
+        sub.add_argument("--prefetch", type=_positive_int,
+                         help="messages held unacked (default 2 x concurrency); a work batch is one message")
         sub.add_argument("-v", "--verbose", action="store_true")
         if name == "run":
+            _work_batch_option(sub)
             sub.add_argument("--no-projections", action="store_true", help="do not keep the views up to date here")
             sub.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
 
     sub = command("relay", _relay, "publish recorded events and ready tasks to RabbitMQ")
+    _work_batch_option(sub)
     sub.add_argument("-v", "--verbose", action="store_true")
 
     sub = command("submit", _submit, "record a new task and print its id")
@@ -372,7 +376,7 @@ def _run(options: argparse.Namespace) -> int:
     app = _app(options, load_app(options.app))
 
     def components(stop: asyncio.Event) -> list[Any]:
-        parts = [_relay_for(app).run(stop), _worker_for(app, options).run(stop),
+        parts = [_relay_for(app, options).run(stop), _worker_for(app, options).run(stop),
                  Scheduler(app.store, payloads=app.payloads).run(stop)]
         if not options.no_projections:
             from projections.commands import run_projections
@@ -386,13 +390,29 @@ def _run(options: argparse.Namespace) -> int:
 
 def _relay(options: argparse.Namespace) -> int:
     app = _app(options)
-    return _serve(options, lambda stop: [_relay_for(app).run(stop)])
+    return _serve(options, lambda stop: [_relay_for(app, options).run(stop)])
 
 
-def _relay_for(app: App) -> Relay:
+def _work_batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WORK_BATCH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORK_BATCH}")
+    return value
+
+
+def _work_batch_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--work-batch", type=_work_batch, metavar="N",
+        help="pack up to N ready tasks of one queue and priority into one work message (default: "
+             "$BROKER_Q_WORK_BATCH or 1). Fewer AMQP messages per task, but a worker may then hold up to "
+             "prefetch x N tasks: for short tasks only")
+
+
+def _relay_for(app: App, options: argparse.Namespace) -> Relay:
     settings = app.settings
+    work_batch = options.work_batch or settings.work_batch
     return Relay(app.store, settings.amqp_url, Topology(settings.namespace), page_size=settings.relay_page_size,
-                 poll_interval=settings.relay_poll_interval, store_url=settings.store)
+                 poll_interval=settings.relay_poll_interval, store_url=settings.store, work_batch=work_batch)
 
 
 def _worker_for(app: App, options: argparse.Namespace) -> Worker:

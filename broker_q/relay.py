@@ -58,7 +58,7 @@ from broker_q.store.notify import watch_changes
 from broker_q.store.port import EventStore, Recorded
 from broker_q.store.timers import Timer
 from broker_q.tenants import Tenants
-from broker_q.wire import WORK_MESSAGE_TYPE
+from broker_q.wire import WORK_BATCH_TYPE, WORK_MESSAGE_TYPE
 
 __all__ = ["EVENTS_MESSAGE_TYPE", "Relay", "work_message_body"]
 
@@ -71,6 +71,8 @@ _RECORD_EVERY = 0.1
 _EVENT_JSON = b'{"position":%d,"stream_id":"%s","version":%d,"topic":"%s","data":%s}'
 
 
+_MAX_BATCH_BYTES = 1_048_576
+"""A work batch is closed before its body would pass this (far below RabbitMQ's message size limit)."""
 _TIMERS_PER_TICK = 500
 _TENANTS_REFRESH = 2.0
 """Seconds between reads of which tenants have queues of their own."""
@@ -122,10 +124,32 @@ is republished from its stored JSON, routed by its stored topic and tenant (``Re
 _TOPIC_JSON = {topic: topic.encode() for topic in TOPICS}
 
 
-def work_properties(priority: int, message_id: str) -> Basic.Properties:
+def work_properties(priority: int, message_id: str, message_type: str = WORK_MESSAGE_TYPE) -> Basic.Properties:
     """The AMQP properties of a work message (persistent: it survives a broker restart)."""
     return Basic.Properties(delivery_mode=2, priority=priority, content_type="application/json",
-                            message_type=WORK_MESSAGE_TYPE, message_id=message_id)
+                            message_type=message_type, message_id=message_id)
+
+
+class _WorkBatch:
+    """Work messages of one route and priority, in log order, waiting to go out as one (decision 0014)."""
+
+    __slots__ = ("bodies", "ids", "size")
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.ids: list[str] = []
+        self.size = 2
+
+    def add(self, message_id: str, body: bytes) -> None:
+        self.bodies.append(body)
+        self.ids.append(message_id)
+        self.size += len(body) + 1
+
+    def message(self) -> tuple[bytes, str, str]:
+        """Body, ``message_id`` and ``type``: a batch of one goes out as the single message it holds."""
+        if len(self.bodies) == 1:
+            return self.bodies[0], self.ids[0], WORK_MESSAGE_TYPE
+        return b"[" + b",".join(self.bodies) + b"]", f"{self.ids[0]}..{self.ids[-1]}", WORK_BATCH_TYPE
 
 
 class Relay:
@@ -140,7 +164,10 @@ class Relay:
         poll_interval: float = 0.1,
         max_backoff: float = 5.0,
         store_url: str | None = None,
+        work_batch: int = 1,
     ) -> None:
+        if work_batch < 1:
+            raise ValueError(f"work_batch must be at least 1, not {work_batch}")
         self._store = store
         self._amqp_url = amqp_url
         self._topology = topology
@@ -149,6 +176,8 @@ class Relay:
         self._poll_interval = poll_interval
         self._max_backoff = max_backoff
         self._store_url = store_url
+        self._work_batch = work_batch
+        """Ready tasks of one route and priority packed into one work message (decision 0014); 1: one each."""
         self._declared: set[str] = set()
         self._tenants = Tenants(store)
         self._separated: frozenset[str] = frozenset()
@@ -301,7 +330,8 @@ class Relay:
         # Events go out as one message per routing key per page, a JSON array in log order: topic
         # routing works as for single events, and the relay publishes a few messages per page
         # instead of one per event (one per event capped the whole system at the broker's
-        # publish rate). Ready tasks go out one message each: each is consumed and acked alone.
+        # publish rate). Ready tasks go out one message each (each is consumed and acked alone), or
+        # with ``work_batch`` > 1 packed by route and priority, in log order (decision 0014).
         # Only the events that may make a task ready are decoded (``_ROUTED``): the others are
         # forwarded as stored, and the publishes go straight to aiormq, without aio-pika's objects.
         async with self._coordinating:
@@ -313,6 +343,7 @@ class Relay:
                 await asyncio.to_thread(self.coordinator.process, records)
         confirms: list[Awaitable[Any]] = []
         batches: dict[str, list[bytes]] = {}
+        work_batches: dict[tuple[str, int], _WorkBatch] = {}
         timers: list[Timer] = []
         if time.monotonic() - self._separated_at >= _TENANTS_REFRESH:
             self._separated = await asyncio.to_thread(self._tenants.created)
@@ -341,9 +372,8 @@ class Relay:
                                         event.priority, work_message_body(event)))
                     continue
                 await self._declare(channel, where)
-                confirms.append(raw.basic_publish(
-                    work_message_body(event), exchange=work_exchange, routing_key=where, mandatory=True, wait=False,
-                    properties=work_properties(event.priority, f"{event.stream_id}:{event.version}")))
+                self._work(raw, work_exchange, confirms, work_batches, where, event.priority,
+                           f"{event.stream_id}:{event.version}", work_message_body(event))
             elif isinstance(event, (TaskRetryScheduled, TaskDeferred, TaskReplayed, TaskReleased)):
                 state = await self._state_at(event)
                 if state is None:
@@ -351,12 +381,13 @@ class Relay:
                 where = route(state.queue, state.tenant)
                 if state.status is TaskStatus.READY:  # replayed, or released with nothing to wait for
                     await self._declare(channel, where)
-                    confirms.append(raw.basic_publish(
-                        work_message_for(state), exchange=work_exchange, routing_key=where, mandatory=True,
-                        wait=False, properties=work_properties(state.priority, f"{state.task_id}:{state.version}")))
+                    self._work(raw, work_exchange, confirms, work_batches, where, state.priority,
+                               f"{state.task_id}:{state.version}", work_message_for(state))
                 elif state.due_at is not None:
                     timers.append(Timer(f"{state.task_id}:{state.version}", state.due_at.timestamp(), where,
                                         state.priority, work_message_for(state)))
+        for (where, priority), unfilled in work_batches.items():
+            confirms.append(self._publish_batch(raw, work_exchange, where, priority, unfilled))
         if timers:
             # Stored before the page counts as published: the position never passes a waiting task
             # whose timer is not on disk.
@@ -375,6 +406,34 @@ class Relay:
         except Exception:
             self._declared.clear()  # the page is published again, after declaring its queues again
             raise
+
+    def _work(self, raw: aiormq.Channel, exchange: str, confirms: list[Awaitable[Any]],
+              batches: dict[tuple[str, int], _WorkBatch], route: str, priority: int, message_id: str,
+              body: bytes) -> None:
+        """Publish a ready task's work message, or put it in its route's batch (published when full,
+        or at the end of the page)."""
+        if self._work_batch == 1:
+            confirms.append(raw.basic_publish(body, exchange=exchange, routing_key=route, mandatory=True, wait=False,
+                                              properties=work_properties(priority, message_id)))
+            return
+        key = (route, priority)
+        batch = batches.get(key)
+        if batch is not None and batch.size + len(body) + 1 > _MAX_BATCH_BYTES:
+            confirms.append(self._publish_batch(raw, exchange, route, priority, batch))
+            batch = None
+        if batch is None:
+            batch = batches[key] = _WorkBatch()
+        batch.add(message_id, body)
+        if len(batch.bodies) >= self._work_batch:
+            confirms.append(self._publish_batch(raw, exchange, route, priority, batch))
+            del batches[key]
+
+    @staticmethod
+    def _publish_batch(raw: aiormq.Channel, exchange: str, route: str, priority: int,
+                       batch: _WorkBatch) -> Awaitable[Any]:
+        body, message_id, message_type = batch.message()
+        return raw.basic_publish(body, exchange=exchange, routing_key=route, mandatory=True, wait=False,
+                                 properties=work_properties(priority, message_id, message_type))
 
     async def _declare(self, channel: AbstractChannel, route: str) -> None:
         if route not in self._declared:

@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["Settings"]
 
 
+MAX_WORK_BATCH = 1000
+"""The most tasks one work message may pack (``work_batch``)."""
+
+
 class Settings(BaseSettings):
     """Everything broker_q can be told. Code below the edge receives these values, never ``os.environ``."""
 
@@ -31,6 +35,11 @@ class Settings(BaseSettings):
     relay_poll_interval: float = Field(
         default=0.1, gt=0,
         description="Seconds between reads of an idle store; the store's change signal wakes the relay sooner")
+    work_batch: int = Field(
+        default=1, gt=0, le=MAX_WORK_BATCH,
+        description="Ready tasks of one route and priority the relay packs into one work message (from one page of "
+                    "the log). 1 publishes one message per task. With N > 1 a worker may hold up to prefetch x N "
+                    "tasks: batches are for short tasks (docs/decisions/0014-work-batches.md)")
     worker_concurrency: int = Field(default=8, gt=0)
     worker_prefetch: int | None = Field(default=None, gt=0, description="Defaults to 2 x concurrency")
     worker_max_abandoned_threads: int | None = Field(

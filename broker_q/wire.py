@@ -21,6 +21,7 @@ from broker_q.errors import DomainError
 
 __all__ = [
     "ENVELOPE_CONTENT_TYPE",
+    "WORK_BATCH_TYPE",
     "WORK_MESSAGE_TYPE",
     "RetryOptions",
     "TaskEnvelope",
@@ -30,6 +31,8 @@ __all__ = [
 
 ENVELOPE_CONTENT_TYPE = "application/json"
 WORK_MESSAGE_TYPE = "broker_q.work.v1"
+WORK_BATCH_TYPE = "broker_q.work-batch.v1"
+"""A JSON array of work messages of one route and priority (``docs/decisions/0014-work-batches.md``)."""
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
 ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*(\.([A-Za-z_]\w*|<locals>))+$",
                                              max_length=300)]

@@ -102,13 +102,14 @@ from broker_q.limits import HandlerError, TimeLimitExceeded, run_handler
 from broker_q.middleware import Attempt, MiddlewareError, run_hook
 from broker_q.store.writer import GroupCommitWriter
 from broker_q.threads import HandlerThreads, ThreadsExhausted
-from broker_q.wire import ENVELOPE_CONTENT_TYPE, TaskEnvelope, WorkMessage
+from broker_q.wire import ENVELOPE_CONTENT_TYPE, WORK_BATCH_TYPE, TaskEnvelope, WorkMessage
 
 if TYPE_CHECKING:
     from broker_q.app import App, TaskDefinition
 
 __all__ = ["Worker"]
 
+_WORK_BATCH = pydantic.TypeAdapter(list[WorkMessage])
 _TENANTS_REFRESH = 2.0
 """Seconds between looks for tenants created since: a new tenant's tasks wait at most this long."""
 
@@ -334,25 +335,79 @@ class Worker:
     # -- work -------------------------------------------------------------------------------
 
     async def _on_work(self, message: DeliveredMessage) -> None:
+        if message.header.properties.message_type == WORK_BATCH_TYPE:
+            await self._on_batch(message)
+            return
         try:
             work = WorkMessage.model_validate_json(message.body)
         except pydantic.ValidationError as e:
             await self._refuse(aio_pika.IncomingMessage(message), f"malformed work message: {_summary(e)}",
                                source=message.routing_key or "")
             return
+        if await self._work(message, work, None):
+            self._acks_of(message.channel).done(message.delivery_tag)
+
+    async def _work(self, message: DeliveredMessage, work: WorkMessage, entry: int | None) -> bool:
+        """Run one task of a delivery in a handler slot; True when its part of the delivery may be acked.
+
+        ``entry`` is the task's index in a work batch, None for a single work message: what goes to the
+        invalid-message queue if running it fails unexpectedly.
+        """
         try:
             async with self._slots:
                 if self._stopping:
-                    return  # shutting down: left unacknowledged, it goes back to the queue when we close
-                if await self._attempt(work):
-                    self._acks_of(message.channel).done(message.delivery_tag)
+                    return False  # shutting down: left unacknowledged, it goes back to the queue when we close
+                return await self._attempt(work)
         except StoreUnavailable as e:
             log.warning("not acknowledging task %s: %s", work.id, e)
         except Exception as e:
             log.exception("task %s: unexpected error", work.id)
-            await self._refuse(aio_pika.IncomingMessage(message),
-                               f"internal error while running task {work.id}: {type(e).__name__}: {e}",
-                               source=message.routing_key or "")
+            return await self._reject(message, entry, f"internal error while running task {work.id}: "
+                                      f"{type(e).__name__}: {e}", source=message.routing_key or "")
+        return False
+
+    async def _on_batch(self, message: DeliveredMessage) -> None:
+        """A work batch (decision 0014): each entry runs as a single delivery would, in a task of its own
+        and a handler slot of its own; the delivery is acknowledged once, after every entry's outcome
+        (or refusal) is committed. If one is not, the whole batch comes back, and the entries that
+        finished are refused by their version."""
+        source = message.routing_key or ""
+        runs: list[Awaitable[bool]] = []
+        try:
+            # The whole array in one pass of pydantic's JSON parser; entry by entry only when one is invalid.
+            works = _WORK_BATCH.validate_json(message.body)
+            if not works:
+                await self._refuse(aio_pika.IncomingMessage(message), "malformed work batch: it holds no task",
+                                   source=source)
+                return
+            runs = [self._work(message, work, index) for index, work in enumerate(works)]
+        except pydantic.ValidationError:
+            try:
+                entries = json.loads(message.body)
+                if not isinstance(entries, list):
+                    raise ValueError(f"a work batch is a JSON array, not {type(entries).__name__}")
+            except (ValueError, RecursionError) as e:  # RecursionError: arrays nested past the parser's depth
+                reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
+                await self._refuse(aio_pika.IncomingMessage(message), f"malformed work batch: {reason}", source=source)
+                return
+            for index, entry in enumerate(entries):
+                try:
+                    work = WorkMessage.model_validate(entry)
+                except pydantic.ValidationError as e:
+                    runs.append(self._reject(message, index, f"malformed work message (entry {index} of a work "
+                                             f"batch): {_summary(e)}", source=source))
+                    continue
+                runs.append(self._work(message, work, index))
+        # Every entry runs to its end before the batch is judged, whatever another entry raised: none is
+        # left running outside the worker's tracked tasks (shutdown waits for this one, and so for all).
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            log.error("work batch %s: an entry could not be settled (%s: %s); the batch stays unacknowledged and "
+                      "is delivered again once this worker's channel closes", message.header.properties.message_id,
+                      type(failure).__name__, failure)
+        if all(r is True for r in results):
+            self._acks_of(message.channel).done(message.delivery_tag)
 
     async def _attempt(self, work: WorkMessage) -> bool:
         """Record ``started``, run the handler, record the outcome; True when the message may be acked."""
@@ -696,30 +751,47 @@ class Worker:
                            source=message.routing_key or "")
 
     async def _refuse(self, message: AbstractIncomingMessage, reason: str, *, source: str) -> None:
-        """Move ``message`` to the invalid-message queue with ``reason`` and record the refusal."""
+        """Move ``message`` to the invalid-message queue with ``reason``, record the refusal, then ack it."""
+        if await self._invalid(message.body, dict(message.headers or {}), message.content_type, message.message_id,
+                               reason, source=source):
+            self._acks_of(message.channel).done(message.delivery_tag)
+
+    async def _reject(self, message: DeliveredMessage, entry: int | None, reason: str, *, source: str) -> bool:
+        """Move the work message ``message``, or its entry number ``entry`` when it is a work batch, to the
+        invalid-message queue and record the refusal; True once recorded. The caller acknowledges: a
+        batch once, with its other entries."""
+        body = message.body
+        if entry is not None:
+            body = json.dumps(json.loads(body)[entry], separators=(",", ":")).encode()
+        properties = message.header.properties
+        return await self._invalid(body, dict(properties.headers or {}), properties.content_type,
+                                   properties.message_id, reason, source=source)
+
+    async def _invalid(self, body: bytes, headers: dict[str, Any], content_type: str | None,
+                       message_id: str | None, reason: str, *, source: str) -> bool:
+        """Publish ``body`` to the invalid-message queue with ``reason``; True once the refusal is recorded."""
         assert self._writer is not None
         assert self._publish_channel is not None
         log.warning("refused a message from %s: %s", source, reason)
-        headers: dict[str, Any] = dict(message.headers or {})
         headers.update({REASON_HEADER: reason[:1000], "x-broker-q-source": source,
                         "x-broker-q-refused-by": self.id})
         await self._publish_channel.default_exchange.publish(
-            aio_pika.Message(message.body, headers=headers, content_type=message.content_type,
-                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(body, headers=headers, content_type=content_type,
+                             message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=self.topology.invalid_queue,
         )
         stream_id = uuid.uuid4()
         event = IngressRejected(
             stream_id=stream_id, version=1, timestamp=_now(), tenant=self.app.settings.tenant, actor=self.id,
-            correlation_id=stream_id, reason=reason, queue=source, message_id=message.message_id,
-            size=len(message.body), sha256=hashlib.sha256(message.body).hexdigest(),
+            correlation_id=stream_id, reason=reason, queue=source, message_id=message_id,
+            size=len(body), sha256=hashlib.sha256(body).hexdigest(),
         )
         try:
             await self._writer.append([event])
         except StoreUnavailable as e:
             log.warning("refusal of a message not recorded: %s", e)
-            return
-        self._acks_of(message.channel).done(message.delivery_tag)
+            return False
+        return True
 
 
 class _CancelScope:

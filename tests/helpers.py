@@ -48,7 +48,8 @@ async def running(
     tasks = [asyncio.create_task(worker.run(stop))]
     if relay:
         settings = app.settings
-        component = Relay(app.store, settings.amqp_url, Topology(settings.namespace), store_url=settings.store)
+        component = Relay(app.store, settings.amqp_url, Topology(settings.namespace), store_url=settings.store,
+                          work_batch=settings.work_batch)
         tasks.append(asyncio.create_task(component.run(stop)))
     try:
         await wait_for(lambda: worker.ready.is_set() or any(t.done() for t in tasks), what="the worker to start")

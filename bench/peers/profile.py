@@ -35,7 +35,7 @@ from pathlib import Path
 from bench.peers.harness import STALL
 from bench.peers.marks import RECORD
 from bench.peers.procs import Workers, exit_on_sigterm, tree_cpu
-from bench.peers.systems import PYTHON, SYSTEMS, delete_amqp, new_context
+from bench.peers.systems import PYTHON, BrokerQ, delete_amqp, new_context
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -182,11 +182,12 @@ def main() -> None:
     parser.add_argument("--gil", action="store_true",
                         help="sample only the thread holding the GIL: Python's CPU, without waits (and without "
                              "C code that releases the GIL, such as SQLite's own work and fsync)")
+    parser.add_argument("--work-batch", type=int, default=1, help="the relay's --work-batch (default 1)")
     parser.add_argument("--keep", type=Path, help="keep py-spy's raw collapsed stacks in this folder")
     options = parser.parse_args()
     exit_on_sigterm()
     n, rate = options.tasks, options.rate
-    system = SYSTEMS[f"broker_q-{options.store}"]
+    system = BrokerQ(options.store, options.work_batch)
     ctx = new_context(system)
     scratch = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     profiles: list[Profile] = []

@@ -22,12 +22,12 @@ import time
 from bench.peers.harness import STALL, _scratch_for_marks, run_client
 from bench.peers.marks import RECORD, read_marks
 from bench.peers.procs import Workers, exit_on_sigterm, tree_cpu
-from bench.peers.systems import SYSTEMS, delete_amqp, new_context
+from bench.peers.systems import BrokerQ, delete_amqp, new_context
 
 
-def run_once(store: str, n: int) -> tuple[float, float, float]:
+def run_once(store: str, n: int, work_batch: int = 1) -> tuple[float, float, float]:
     """(tasks/s, worker CPU µs/task, relay CPU µs/task) of one drain."""
-    system = SYSTEMS[f"broker_q-{store}"]
+    system = BrokerQ(store, work_batch)
     ctx = new_context(system)
     marks_dir = _scratch_for_marks()
     marks = marks_dir / "marks"
@@ -77,12 +77,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--work-batch", type=int, default=1, help="the relay's --work-batch (default 1)")
     options = parser.parse_args()
     exit_on_sigterm()
     results = []
     load = [os.getloadavg()[0]]
     for i in range(options.runs):
-        rate, worker, relay = run_once(options.store, options.tasks)
+        rate, worker, relay = run_once(options.store, options.tasks, options.work_batch)
         load.append(os.getloadavg()[0])
         print(f"run {i + 1}: {rate:,.0f} tasks/s, worker {worker:,.0f} µs/task, relay {relay:,.0f} µs/task, "
               f"load {load[-1]:.2f}", file=sys.stderr)

@@ -77,10 +77,13 @@ class System:
 class BrokerQ(System):
     client = "broker_q"
 
-    def __init__(self, store: str) -> None:
+    def __init__(self, store: str, work_batch: int = 1) -> None:
         self.store = store
-        self.id = f"broker_q-{store}"
-        self.label = f"broker_q, {store} store (`broker-q relay` + `broker-q worker`, concurrency 200)"
+        self.work_batch = work_batch
+        batched = f"-batch{work_batch}" if work_batch > 1 else ""
+        self.id = f"broker_q-{store}{batched}"
+        relay = f"`broker-q relay --work-batch {work_batch}`" if work_batch > 1 else "`broker-q relay`"
+        self.label = f"broker_q, {store} store ({relay} + `broker-q worker`, concurrency 200)"
         self._apps: dict[str, object] = {}
 
     def prepare(self, ctx: Context) -> None:
@@ -94,7 +97,8 @@ class BrokerQ(System):
 
     def worker_commands(self, ctx: Context) -> list[list[str]]:
         cli = [PYTHON, "-m", "broker_q.cli"]
-        return [[*cli, "worker", "bench.peers.apps.broker_q_app:app", "--concurrency", "200"], [*cli, "relay"]]
+        relay = [*cli, "relay"] + (["--work-batch", str(self.work_batch)] if self.work_batch > 1 else [])
+        return [[*cli, "worker", "bench.peers.apps.broker_q_app:app", "--concurrency", "200"], relay]
 
     def _count_succeeded(self, ctx: Context) -> int:
         # Plain SQL on the store's table, on a connection kept open: no App (which would need the run's
@@ -226,6 +230,7 @@ class AioPika(System):
 
 SYSTEMS: dict[str, System] = {s.id: s for s in [
     BrokerQ("sqlite"),
+    BrokerQ("sqlite", work_batch=32),
     BrokerQ("postgres"),
     Dramatiq(),
     Taskiq(),

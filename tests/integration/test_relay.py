@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 
 import aio_pika
+import pytest
 
-from broker_q import App
+from broker_q import App, group
 from broker_q.amqp.topology import Topology
 from broker_q.coordinator import Coordinator
 from broker_q.domain import task as domain
-from broker_q.domain.events import TaskEvent
+from broker_q.domain.events import TaskEvent, TaskSubmitted
 from broker_q.relay import Relay
 from broker_q.store import EventStore
+from broker_q.wire import WORK_BATCH_TYPE, WORK_MESSAGE_TYPE
 from tests.helpers import wait_for
 
 
@@ -69,14 +72,16 @@ async def test_a_standby_that_never_got_the_lease_stops_at_once(
     await active_task
 
 
+@pytest.mark.parametrize("work_batch", [1, 4])
 async def test_a_work_message_the_broker_returns_is_published_again_not_lost(
-    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str], work_batch: int
 ) -> None:
-    """An operator deletes a work queue: the relay must not count the returned message as confirmed."""
+    """An operator deletes a work queue: the relay must not count the returned message (a single one,
+    or a batch) as confirmed."""
     app = App(store=sqlite_url, amqp_url=amqp_url, namespace=namespace)
     topology = Topology(namespace)
     stop = asyncio.Event()
-    relay = Relay(app.store, amqp_url, topology, store_url=sqlite_url)
+    relay = Relay(app.store, amqp_url, topology, store_url=sqlite_url, work_batch=work_batch)
     relay_task = asyncio.create_task(relay.run(stop))
     connection = await aio_pika.connect(amqp_url)
     try:
@@ -84,16 +89,30 @@ async def test_a_work_message_the_broker_returns_is_published_again_not_lost(
         await wait_for(lambda: relay.position == app.store.max_position(), what="the first task published")
         channel = await connection.channel()
         await channel.queue_delete(topology.work_queue("default"))
-        second = await asyncio.to_thread(app.submit, "t")
+        if work_batch == 1:
+            await asyncio.to_thread(app.submit, "t")
+        else:  # a group's steps are one append, so one page: one batch of two
+            await asyncio.to_thread(app.submit_workflow, group(app.signature("t"), app.signature("t")))
+        submitted = [r.event for r in app.store.read_log(0, 100) if isinstance(r.event, TaskSubmitted)]
+        second = submitted[1]
+        expected_type = WORK_MESSAGE_TYPE if work_batch == 1 else WORK_BATCH_TYPE
 
         async def second_is_queued() -> bool:
             probe = await connection.channel()
+            queued: set[str] = set()
             try:
                 queue = await probe.declare_queue(topology.work_queue("default"), passive=True)
-                message = await queue.get(fail=False)
+                while (message := await queue.get(fail=False)) is not None:  # held until the probe closes
+                    if message.type == WORK_BATCH_TYPE:
+                        queued.update(entry["id"] for entry in json.loads(message.body))
+                    elif message.type == expected_type:
+                        queued.add((message.message_id or "").split(":")[0])
             except aio_pika.exceptions.ChannelClosed:
                 return False  # not declared again yet
-            return message is not None and (message.message_id or "").startswith(str(second.id))
+            finally:
+                if not probe.is_closed:
+                    await probe.close()  # the messages go back to the queue
+            return str(second.stream_id) in queued
 
         await wait_for(second_is_queued, timeout=30, what="the returned task to be published again")
     finally:
