@@ -77,13 +77,16 @@ class System:
 class BrokerQ(System):
     client = "broker_q"
 
-    def __init__(self, store: str, work_batch: int = 1) -> None:
+    def __init__(self, store: str, work_batch: int = 1, workers: int = 1) -> None:
         self.store = store
         self.work_batch = work_batch
+        self.workers = workers
         batched = f"-batch{work_batch}" if work_batch > 1 else ""
-        self.id = f"broker_q-{store}{batched}"
+        processes = f"-{workers}workers" if workers > 1 else ""
+        self.id = f"broker_q-{store}{batched}{processes}"
         relay = f"`broker-q relay --work-batch {work_batch}`" if work_batch > 1 else "`broker-q relay`"
-        self.label = f"broker_q, {store} store ({relay} + `broker-q worker`, concurrency 200)"
+        worker = "`broker-q worker`" if workers == 1 else f"{workers} x `broker-q worker`"
+        self.label = f"broker_q, {store} store ({relay} + {worker}, concurrency 200)"
         self._apps: dict[str, object] = {}
 
     def prepare(self, ctx: Context) -> None:
@@ -98,7 +101,8 @@ class BrokerQ(System):
     def worker_commands(self, ctx: Context) -> list[list[str]]:
         cli = [PYTHON, "-m", "broker_q.cli"]
         relay = [*cli, "relay"] + (["--work-batch", str(self.work_batch)] if self.work_batch > 1 else [])
-        return [[*cli, "worker", "bench.peers.apps.broker_q_app:app", "--concurrency", "200"], relay]
+        worker = [*cli, "worker", "bench.peers.apps.broker_q_app:app", "--concurrency", "200"]
+        return [*[worker] * self.workers, relay]
 
     def _count_succeeded(self, ctx: Context) -> int:
         # Plain SQL on the store's table, on a connection kept open: no App (which would need the run's
@@ -231,6 +235,8 @@ class AioPika(System):
 SYSTEMS: dict[str, System] = {s.id: s for s in [
     BrokerQ("sqlite"),
     BrokerQ("sqlite", work_batch=32),
+    BrokerQ("sqlite", work_batch=32, workers=2),
+    BrokerQ("sqlite", work_batch=100, workers=2),
     BrokerQ("postgres"),
     Dramatiq(),
     Taskiq(),
