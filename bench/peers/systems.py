@@ -238,6 +238,7 @@ SYSTEMS: dict[str, System] = {s.id: s for s in [
     BrokerQ("sqlite", work_batch=32, workers=2),
     BrokerQ("sqlite", work_batch=100, workers=2),
     BrokerQ("postgres"),
+    BrokerQ("postgres", work_batch=100, workers=2),
     Dramatiq(),
     Taskiq(),
     Celery("prefork", 2),
