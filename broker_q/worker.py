@@ -111,6 +111,8 @@ __all__ = ["Worker"]
 
 _WORK_BATCH = pydantic.TypeAdapter(list[WorkMessage])
 _TENANTS_REFRESH = 2.0
+_CANCEL_TIMEOUT = 2.0
+"""Seconds a consumer's cancel may take at shutdown before the worker stops without it."""
 """Seconds between looks for tenants created since: a new tenant's tasks wait at most this long."""
 
 log = logging.getLogger(__name__)
@@ -279,7 +281,13 @@ class Worker:
         self._stopping = True
         for cancel in consumers:
             try:
-                await cancel()
+                # Bounded: while RabbitMQ is unreachable a cancel waits for a connection that may not
+                # come back within the grace period; the running tasks must not wait for it.
+                async with asyncio.timeout(_CANCEL_TIMEOUT):
+                    await cancel()
+            except TimeoutError:
+                log.warning("%s could not cancel its consumers (RabbitMQ unreachable): stopping without", self.id)
+                break
             except Exception as e:  # the channel may be gone already; its messages are requeued anyway
                 log.debug("cancelling a consumer: %s", e)
         if self._inflight:

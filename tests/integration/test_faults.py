@@ -278,3 +278,44 @@ async def test_poison_messages_are_refused_once_each_and_never_redelivered(
     submitted_keys = {e.idempotency_key for h in tally.history.values() for e in h if isinstance(e, TaskSubmitted)}
     assert not submitted_keys & set(sent)
     assert set(tally.history) == {valid.stream_id}  # the only task, and the only handler that ran
+
+
+@pytest.mark.disruptive
+@pytest.mark.timeout(90)
+async def test_a_worker_told_to_stop_while_rabbitmq_is_down_finishes_its_task_within_the_grace(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """SIGTERM during a broker outage: cancelling the consumers cannot reach RabbitMQ, and must not
+    hold the worker back from waiting for its running task and stopping."""
+    from broker_q.relay import Relay
+    from broker_q.worker import Worker
+
+    app = App(store=sqlite_url, amqp_url=amqp_url, namespace=namespace)
+
+    @app.task(name="nap")
+    async def nap(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "rested"
+
+    stop, relay_stop = asyncio.Event(), asyncio.Event()
+    worker = Worker(app, shutdown_grace=20)
+    relay = Relay(app.store, amqp_url, Topology(namespace), store_url=sqlite_url)
+    working = asyncio.create_task(worker.run(stop))
+    relaying = asyncio.create_task(relay.run(relay_stop))
+    try:
+        await wait_for(lambda: worker.ready.is_set(), what="the worker to consume")
+        handle = await app.submit_async("nap", [2.0])
+        await wait_for(lambda: [e.TYPE for e in app.history(handle.id)][-1] == "started", timeout=20,
+                       what="the task to start")
+        async with rabbitmq_stopped(amqp_url):
+            stop.set()
+            began = time.monotonic()
+            done, _ = await asyncio.wait([working], timeout=15)
+            assert done, "the worker did not stop while RabbitMQ was down"
+            assert time.monotonic() - began < 15
+        assert [e.TYPE for e in app.history(handle.id)][-1] == "succeeded"  # finished within the grace
+    finally:
+        stop.set()
+        relay_stop.set()
+        await asyncio.wait([working, relaying], timeout=30)
+        app.close()
