@@ -445,10 +445,20 @@ class Worker:
             try:
                 outcome = await self._execute(definition, work, started)
             except asyncio.CancelledError:
-                if not scope.cancelled or current.uncancel():
+                if scope.cancelled:
+                    if current.uncancel():
+                        raise  # this worker is stopping too: the message goes back to the queue
+                    log.info("task %s: cancelled while running", work.id)
+                    return True
+                if current.cancelling():
                     raise  # this worker is stopping: the message goes back to the queue
-                log.info("task %s: cancelled while running", work.id)
-                return True
+                # Nobody cancelled this task: the handler let a CancelledError of its own escape (an
+                # inner await that was cancelled). An error of the handler's, decided by its retry
+                # policy; left unrecorded it would hold its message unacknowledged for good.
+                outcome = self._failed(
+                    definition, work, started.version + 1,
+                    RuntimeError("the handler raised CancelledError without being cancelled"),
+                    traceback.format_exc(), error_type="CancelledError")
             finally:
                 del self._handlers[work.id]
             if scope.cancelled:

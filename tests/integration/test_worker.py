@@ -460,3 +460,40 @@ async def test_a_work_queue_deleted_under_the_worker_is_declared_and_consumed_ag
         finally:
             await connection.close()
         assert await (await echo.submit(2)).result(timeout=10) == 2
+
+
+async def test_a_cancelled_error_the_handler_raises_itself_is_its_failure_not_a_held_message(
+    sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
+) -> None:
+    """Nobody cancelled the task: a CancelledError escaping the handler (an inner await that was
+    cancelled) is an error of the handler's, recorded by its retry policy and acknowledged; the worker
+    goes on."""
+    app = _app(sqlite_url, amqp_url, namespace)
+
+    @app.task(name="leaks_cancel", max_attempts=1)
+    async def leaks_cancel() -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner  # raises CancelledError into the handler, which lets it out
+
+    @app.task(name="fine")
+    async def fine() -> str:
+        return "fine"
+
+    async with running(app) as worker:
+        handle = await leaks_cancel.submit()
+        with pytest.raises(TaskFailed) as failed:
+            await handle.result(timeout=15)
+        assert failed.value.error_type == "CancelledError"
+        assert await (await fine.submit()).result(timeout=15) == "fine"
+
+        async def drained() -> bool:
+            connection = await aio_pika.connect(amqp_url)
+            try:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(worker.topology.work_queue("default"), passive=True)
+                return queue.declaration_result.message_count == 0 and not worker._inflight
+            finally:
+                await connection.close()
+
+        await wait_for(drained, timeout=15, what="the message acknowledged")
