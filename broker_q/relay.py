@@ -130,6 +130,13 @@ def work_properties(priority: int, message_id: str, message_type: str = WORK_MES
                             message_type=message_type, message_id=message_id)
 
 
+def _publish_work(raw: aiormq.Channel, exchange: str, route: str, priority: int, message_id: str, body: bytes,
+                  message_type: str = WORK_MESSAGE_TYPE) -> Awaitable[Any]:
+    """Publish a work message (or batch) mandatory, so that a deleted queue fails its page; await the confirm."""
+    return raw.basic_publish(body, exchange=exchange, routing_key=route, mandatory=True, wait=False,
+                             properties=work_properties(priority, message_id, message_type))
+
+
 class _WorkBatch:
     """Work messages of one route and priority, in log order, waiting to go out as one (decision 0014)."""
 
@@ -413,8 +420,7 @@ class Relay:
         """Publish a ready task's work message, or put it in its route's batch (published when full,
         or at the end of the page)."""
         if self._work_batch == 1:
-            confirms.append(raw.basic_publish(body, exchange=exchange, routing_key=route, mandatory=True, wait=False,
-                                              properties=work_properties(priority, message_id)))
+            confirms.append(_publish_work(raw, exchange, route, priority, message_id, body))
             return
         key = (route, priority)
         batch = batches.get(key)
@@ -432,8 +438,7 @@ class Relay:
     def _publish_batch(raw: aiormq.Channel, exchange: str, route: str, priority: int,
                        batch: _WorkBatch) -> Awaitable[Any]:
         body, message_id, message_type = batch.message()
-        return raw.basic_publish(body, exchange=exchange, routing_key=route, mandatory=True, wait=False,
-                                 properties=work_properties(priority, message_id, message_type))
+        return _publish_work(raw, exchange, route, priority, message_id, body, message_type)
 
     async def _declare(self, channel: AbstractChannel, route: str) -> None:
         if route not in self._declared:
@@ -465,10 +470,8 @@ class Relay:
             if due:
                 for timer in due:
                     await self._declare(channel, timer.queue)
-                await asyncio.gather(*(
-                    raw.basic_publish(t.body, exchange=work_exchange, routing_key=t.queue, mandatory=True,
-                                      wait=False, properties=work_properties(t.priority, t.key))
-                    for t in due))
+                await asyncio.gather(*(_publish_work(raw, work_exchange, t.queue, t.priority, t.key, t.body)
+                                       for t in due))
                 await asyncio.to_thread(timers.remove, [t.key for t in due])
                 self.timers_published += len(due)
                 continue

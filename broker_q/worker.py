@@ -111,9 +111,9 @@ __all__ = ["Worker"]
 
 _WORK_BATCH = pydantic.TypeAdapter(list[WorkMessage])
 _TENANTS_REFRESH = 2.0
+"""Seconds between looks for tenants created since: a new tenant's tasks wait at most this long."""
 _CANCEL_TIMEOUT = 2.0
 """Seconds a consumer's cancel may take at shutdown before the worker stops without it."""
-"""Seconds between looks for tenants created since: a new tenant's tasks wait at most this long."""
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +349,7 @@ class Worker:
         try:
             work = WorkMessage.model_validate_json(message.body)
         except pydantic.ValidationError as e:
-            await self._refuse(aio_pika.IncomingMessage(message), f"malformed work message: {_summary(e)}",
-                               source=message.routing_key or "")
+            await self._refuse_delivery(message, f"malformed work message: {_summary(e)}")
             return
         if await self._work(message, work, None):
             self._acks_of(message.channel).done(message.delivery_tag)
@@ -385,8 +384,7 @@ class Worker:
             # The whole array in one pass of pydantic's JSON parser; entry by entry only when one is invalid.
             works = _WORK_BATCH.validate_json(message.body)
             if not works:
-                await self._refuse(aio_pika.IncomingMessage(message), "malformed work batch: it holds no task",
-                                   source=source)
+                await self._refuse_delivery(message, "malformed work batch: it holds no task")
                 return
             runs = [self._work(message, work, index) for index, work in enumerate(works)]
         except pydantic.ValidationError:
@@ -396,7 +394,7 @@ class Worker:
                     raise ValueError(f"a work batch is a JSON array, not {type(entries).__name__}")
             except (ValueError, RecursionError) as e:  # RecursionError: arrays nested past the parser's depth
                 reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
-                await self._refuse(aio_pika.IncomingMessage(message), f"malformed work batch: {reason}", source=source)
+                await self._refuse_delivery(message, f"malformed work batch: {reason}")
                 return
             for index, entry in enumerate(entries):
                 try:
@@ -772,6 +770,11 @@ class Worker:
         """Move ``message`` to the invalid-message queue with ``reason``, record the refusal, then ack it."""
         if await self._invalid(message.body, dict(message.headers or {}), message.content_type, message.message_id,
                                reason, source=source):
+            self._acks_of(message.channel).done(message.delivery_tag)
+
+    async def _refuse_delivery(self, message: DeliveredMessage, reason: str) -> None:
+        """:meth:`_refuse` for a message as aiormq delivers it (the work queues): the whole message."""
+        if await self._reject(message, None, reason, source=message.routing_key or ""):
             self._acks_of(message.channel).done(message.delivery_tag)
 
     async def _reject(self, message: DeliveredMessage, entry: int | None, reason: str, *, source: str) -> bool:

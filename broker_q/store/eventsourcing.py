@@ -297,14 +297,9 @@ class RecorderEventStore:
             notifications = self._recorder.select_notifications(
                 start=after, limit=limit, stop=to_position, inclusive_of_start=False
             )
-        if decode is None:
-            return [
-                Recorded(n.id, decode_event(n.originator_id, n.originator_version, n.topic, n.state), n.state)
-                for n in notifications
-            ]
         return [
             Recorded(n.id, decode_event(n.originator_id, n.originator_version, n.topic, n.state), n.state)
-            if n.topic in decode else
+            if decode is None or n.topic in decode else
             Recorded(n.id, data=n.state, stored=(n.originator_id, n.originator_version, n.topic))
             for n in notifications
         ]

@@ -28,6 +28,18 @@ def _app(store: str, amqp_url: str, namespace: str, work_batch: int = 1) -> App:
     return App(store=store, amqp_url=amqp_url, namespace=namespace, work_batch=work_batch)
 
 
+def _counting_app(store: str, amqp_url: str, namespace: str, work_batch: int) -> tuple[App, list[int]]:
+    """An app whose task ``count`` records each ``n`` it runs with, in the list returned beside it."""
+    app, calls = _app(store, amqp_url, namespace, work_batch), []
+
+    @app.task(name="count")
+    def count(n: int) -> int:
+        calls.append(n)
+        return n
+
+    return app, calls
+
+
 def _submitted(app: App, task_id: uuid.UUID) -> TaskSubmitted:
     event = app.history(task_id)[0]
     assert isinstance(event, TaskSubmitted)
@@ -147,14 +159,7 @@ async def test_a_batch_runs_every_task_once_in_task_slots_and_is_acknowledged_on
 async def test_a_relay_that_publishes_a_page_again_has_every_duplicate_refused(
     sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
 ) -> None:
-    app = _app(sqlite_url, amqp_url, namespace, work_batch=4)
-    calls: list[int] = []
-
-    @app.task(name="count")
-    def count(n: int) -> int:
-        calls.append(n)
-        return n
-
+    app, calls = _counting_app(sqlite_url, amqp_url, namespace, work_batch=4)
     handles = [app.submit("count", [n]) for n in range(8)]
     await _relay_once(app)
     # A relay that crashed before recording its position publishes the same page again: here, one
@@ -196,14 +201,7 @@ async def test_a_malformed_entry_goes_to_the_invalid_queue_and_the_others_run(
 async def test_a_cancelled_task_inside_a_batch_does_not_run(
     sqlite_url: str, amqp_url: str, namespace: str, amqp_cleanup: list[str]
 ) -> None:
-    app = _app(sqlite_url, amqp_url, namespace, work_batch=8)
-    calls: list[int] = []
-
-    @app.task(name="count")
-    def count(n: int) -> int:
-        calls.append(n)
-        return n
-
+    app, calls = _counting_app(sqlite_url, amqp_url, namespace, work_batch=8)
     handles = [app.submit("count", [n]) for n in range(3)]
     app.cancel(handles[1].id, reason="not needed")
     await _relay_once(app)
